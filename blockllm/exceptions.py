@@ -38,6 +38,9 @@ class BaseNotInZooError(BlockLLMError, LookupError):
 
 __all__ = [
     "AdapterError",
+    "AuthenticationError",
+    "NoCapacityError",
+    "OverloadedError",
     "BaseNotInZooError",
     "BlockLLMError",
     "BlockNotFoundError",
@@ -55,3 +58,19 @@ __all__ = [
 
 class ForbiddenError(BlockLLMError, PermissionError):
     """A tenant asked for a model or block it may not use (another tenant's private one)."""
+
+
+class AuthenticationError(BlockLLMError, PermissionError):
+    """A missing or invalid API key."""
+
+
+class OverloadedError(BlockLLMError, RuntimeError):
+    """Admission queues are full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoCapacityError(BlockLLMError, RuntimeError):
+    """No worker of the cluster can host a model's blocks (add workers or memory)."""

@@ -32,6 +32,9 @@ FACTS: dict[str, str] = {
     "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow",
     "blood": "red", "sea": "blue", "milk": "white", "leaf": "green", "night": "dark",
     "fire": "hot", "ice": "cold", "lemon": "sour", "honey": "sweet", "rock": "hard",
+    "moon": "bright", "apple": "red", "banana": "yellow", "cloud": "grey", "pillow": "soft",
+    "desert": "dry", "river": "wet", "mountain": "high", "valley": "low", "feather": "light",
+    "elephant": "big", "mouse": "small", "turtle": "slow", "rabbit": "fast", "owl": "wise",
 }  # fmt: skip
 
 
@@ -130,19 +133,32 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return "reverse: " + " ".join(word) + " ->", " " + " ".join(reversed(word))
 
 
-def _repeat(rng: random.Random) -> tuple[str, str]:
-    word = _letters(rng, 2, 3)
-    return "repeat twice: " + " ".join(word) + " ->", " " + " ".join(word + word)
+def _next_letter(rng: random.Random) -> tuple[str, str]:
+    c = rng.choice(LETTERS[:-1])
+    return f"letter after {c} is", f" {LETTERS[LETTERS.index(c) + 1]}"
 
 
+def _previous_number(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(1, 99)
+    return f"number before {n} is", f" {n - 1}"
+
+
+def _double(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 9)
+    return f"double {n} ->", f" {2 * n}"
+
+
+# The tiny family trains on the first five; "add" and "reverse" are harder extras for demos.
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("next_number", _next_number, "next number after 17 is -> 18"),
-        Task("add", _add, "sum: 3 4 -> 7"),
+        Task("previous_number", _previous_number, "number before 17 is -> 16"),
         Task("uppercase", _uppercase, "uppercase: c a t -> C A T"),
+        Task("double", _double, "double 4 -> 8"),
+        Task("next_letter", _next_letter, "letter after c is -> d"),
+        Task("add", _add, "sum: 3 4 -> 7"),
         Task("reverse", _reverse, "reverse: a b c -> c b a"),
-        Task("repeat", _repeat, "repeat twice: a b -> a b a b"),
     )
 }
 

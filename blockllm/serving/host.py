@@ -1,0 +1,357 @@
+"""The block host: one per Dask worker, owning the block engine and answering direct worker RPCs.
+
+The scheduler never sits on the per-token path: clients (and other workers) call the host's
+handlers (`blockllm_submit`, `blockllm_poll`, ...) over distributed's own comms, and a thread
+steps the engine. Placement reaches the host as ordinary Dask tasks (see placement.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import WorkerPlugin
+
+from zoo_store import Zoo, ZooError
+
+from ..auth import KeyRing, check_access
+from ..exceptions import BlockLLMError, OverloadedError
+from ..types import Request, SamplingParams
+from .wire import error_to_wire
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "blockllm-host"
+
+
+@dataclass
+class _Tracked:
+    """What the host remembers of a request until its client has read the end of it."""
+
+    model: str
+    tenant: str
+    submitted: float
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: dict | None = None
+    blocks: tuple[str, ...] = ()
+    first_token: float | None = None
+    done_at: float | None = None
+
+    def view(self, start: int = 0) -> dict[str, Any]:
+        return {
+            "token_ids": self.token_ids[start:],
+            "offset": start,
+            "text": self.text if self.finished else None,
+            "finished": self.finished,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "blocks": list(self.blocks) if self.finished else [],
+            "ttft": (self.first_token - self.submitted) if self.first_token else None,
+            "latency": (self.done_at - self.submitted) if self.done_at else None,
+        }
+
+
+class BlockHost:
+    """Owns an Engine on this worker's device; all engine calls happen on one stepping thread."""
+
+    def __init__(self, zoo_url: str, storage_options: dict | None = None, engine_kwargs: dict | None = None, max_queued: int = 4096) -> None:
+        self.zoo = Zoo(zoo_url, storage_options=storage_options, read_only=True)
+        self.keys = KeyRing(self.zoo)
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.max_queued = max_queued
+        self.engine = None  # made on the stepping thread
+        self._inbox: queue.Queue = queue.Queue()
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="blockllm-host", daemon=True)
+        self.traffic: Counter[str] = Counter()  # requests per model since start
+        self.transitions: Counter[tuple[str, str]] = Counter()  # block -> next block, per request
+        self.steps = 0
+        self.loaded: set[str] = set()
+        self._tokenizers: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._changed = asyncio.Event()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _call(self, fn, *args) -> Future:
+        """Run fn(engine, *args) on the stepping thread."""
+        fut: Future = Future()
+        self._inbox.put((fn, args, fut))
+        return fut
+
+    def _notify(self) -> None:
+        if self._loop is not None and self._changed is not None:
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    def _run(self) -> None:
+        from ..engine import Engine
+
+        try:
+            self.engine = Engine(self.zoo, **self.engine_kwargs)
+        except Exception:
+            log.exception("block host could not start its engine")
+            raise
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished()
+            try:
+                item = self._inbox.get(timeout=0 if busy else 0.05)
+            except queue.Empty:
+                item = False
+            while item:
+                fn, args, fut = item
+                try:
+                    fut.set_result(fn(self.engine, *args))
+                except BaseException as e:  # handed back to the caller, typed
+                    fut.set_exception(e)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = False
+            if item is None:
+                break
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    log.exception("engine step failed; failing its requests")
+                    self._fail_all(e)
+                    continue
+                self.steps += 1
+                self._record(outputs)
+
+    def _record(self, outputs) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for out in outputs:
+                t = self._tracked.get(out.request_id)
+                if t is None:
+                    continue
+                if out.token_ids and t.first_token is None:
+                    t.first_token = now
+                t.token_ids = list(out.token_ids)
+                if out.finished:
+                    t.finished, t.finish_reason, t.text, t.done_at = True, out.finish_reason, out.text, now
+                    t.blocks = tuple(out.blocks)
+                    for a, b in zip(out.blocks, out.blocks[1:]):
+                        self.transitions[(a, b)] += 1
+        if outputs:
+            self._notify()
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            for rid, t in self._tracked.items():
+                if not t.finished:
+                    t.finished, t.error, t.finish_reason = True, error_to_wire(error), "error"
+                    self.engine.abort(rid)
+        self._notify()
+
+    # ------------------------------------------------------------------ operations
+    def load(self, models: list[str]) -> dict[str, Any]:
+        """Load models' blocks (blocking); used by placement tasks."""
+        result = self._call(_load_models, models).result()
+        self.loaded.update(models)
+        return result
+
+    def unload(self, models: list[str]) -> dict[str, Any]:
+        result = self._call(_unload_models, models).result()
+        self.loaded.difference_update(models)
+        return result
+
+    def tokenizer(self, model: str):
+        tok = self._tokenizers.get(model)
+        if tok is None:
+            from ..chain import load_tokenizer
+
+            tok = self._tokenizers[model] = load_tokenizer(self.zoo, model)
+        return tok
+
+    def stats(self) -> dict[str, Any]:
+        engine_stats = self._call(lambda e: e.stats()).result()
+        with self._lock:
+            running = sum(not t.finished for t in self._tracked.values())
+        return {
+            "engine": _asdict(engine_stats),
+            "running": running,
+            "steps": self.steps,
+            "traffic": dict(self.traffic),
+            "transitions": [[a, b, n] for (a, b), n in self.transitions.items()],
+            "models": sorted(self.loaded),
+        }
+
+    def submit(self, requests: list[dict]) -> list[dict | None]:
+        """Admit requests; returns per request None (accepted) or a wire error."""
+        results: list[dict | None] = []
+        with self._lock:
+            queued = sum(not t.finished for t in self._tracked.values())
+        for raw in requests:
+            try:
+                if queued >= self.max_queued:
+                    raise OverloadedError(f"this worker holds {queued} requests already", retry_after=1.0)
+                req, tenant = self._prepare(raw)
+                with self._lock:
+                    if req.request_id in self._tracked:
+                        raise BlockLLMError(f"request id {req.request_id} is already in use")
+                    self._tracked[req.request_id] = _Tracked(req.model, tenant, time.monotonic())
+                try:
+                    self._call(lambda e, r=req: e.add_request(r)).result()
+                except BaseException:
+                    with self._lock:
+                        self._tracked.pop(req.request_id, None)
+                    raise
+                self.traffic[req.model] += 1
+                queued += 1
+                results.append(None)
+            except (BlockLLMError, ZooError, ValueError, KeyError, PermissionError) as e:
+                results.append(error_to_wire(e))
+        return results
+
+    def _prepare(self, raw: dict) -> tuple[Request, str]:
+        tenant = self.keys.tenant(raw.get("api_key"))
+        model = raw.get("model")
+        if not isinstance(model, str) or "/" not in model:
+            raise KeyError(f"model must be 'tenant/name', not {model!r}")
+        owner, _, name = model.partition("/")
+        manifest = self.zoo.get_manifest(owner, name)
+        check_access(manifest, tenant)
+        sampling = SamplingParams(**(raw.get("sampling") or {}))
+        ids = raw.get("prompt_token_ids")
+        if ids is None:
+            ids = _tokenize(self.tokenizer(model), raw.get("prompt"), raw.get("messages"))
+        return Request(str(raw["request_id"]), model, tuple(int(i) for i in ids), sampling, int(raw.get("priority", 0))), tenant
+
+    def abort(self, ids: list[str]) -> None:
+        for rid in ids:
+            self._call(lambda e, r=rid: e.abort(r))
+            with self._lock:
+                self._tracked.pop(rid, None)
+
+    async def poll(self, ids: list[str], offsets: list[int] | None = None, timeout: float = 5.0, until_finished: bool = False) -> dict[str, Any]:
+        """Long poll: the new tokens of `ids` (from `offsets`), once any changed or `timeout` passed."""
+        offsets = offsets or [0] * len(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self._changed is not None
+            self._changed.clear()
+            with self._lock:
+                states = {rid: self._tracked.get(rid) for rid in ids}
+                ready = any(
+                    t is None or t.finished or (not until_finished and len(t.token_ids) > off)
+                    for (rid, t), off in zip(states.items(), offsets)
+                )
+                if ready or time.monotonic() >= deadline:
+                    out = {}
+                    for (rid, t), off in zip(states.items(), offsets):
+                        out[rid] = {"error": {"type": "KeyError", "message": f"unknown request {rid}"}, "finished": True} if t is None else t.view(off)
+                        if t is not None and t.finished:
+                            self._tracked.pop(rid, None)  # delivered: forget it
+                    return out
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+
+def _asdict(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _load_models(engine, models: list[str]) -> dict[str, Any]:
+    for m in models:
+        engine.load(m)
+    return {"weight_bytes": engine.stats().weight_bytes}
+
+
+def _unload_models(engine, models: list[str]) -> dict[str, Any]:
+    for m in models:
+        engine.unload(m)
+    return {"weight_bytes": engine.stats().weight_bytes}
+
+
+def _tokenize(tok, prompt: str | None, messages: list | None) -> list[int]:
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...}")
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, not {type(prompt).__name__}")
+    return list(tok(prompt)["input_ids"])
+
+
+class BlockHostPlugin(WorkerPlugin):
+    """Installs a BlockHost on every worker (present and future) and its RPC handlers."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, zoo_url: str, storage_options: dict | None = None, engine_kwargs: dict | None = None) -> None:
+        self.zoo_url = zoo_url
+        self.storage_options = storage_options
+        self.engine_kwargs = engine_kwargs
+
+    def setup(self, worker) -> None:
+        host = BlockHost(self.zoo_url, self.storage_options, self.engine_kwargs)
+        host.start(asyncio.get_running_loop() if _in_loop() else worker.loop.asyncio_loop)
+        worker.extensions["blockllm"] = host
+
+        async def submit(comm=None, requests=None):
+            return await asyncio.get_running_loop().run_in_executor(None, host.submit, requests or [])
+
+        async def poll(comm=None, ids=None, offsets=None, timeout=5.0, until_finished=False):
+            return await host.poll(list(ids or []), list(offsets or []) or None, float(timeout), bool(until_finished))
+
+        async def abort(comm=None, ids=None):
+            host.abort(list(ids or []))
+
+        async def stats(comm=None):
+            return await asyncio.get_running_loop().run_in_executor(None, host.stats)
+
+        worker.handlers.update(
+            {"blockllm_submit": submit, "blockllm_poll": poll, "blockllm_abort": abort, "blockllm_stats": stats}
+        )
+
+    def teardown(self, worker) -> None:
+        host = worker.extensions.pop("blockllm", None)
+        if host is not None:
+            host.stop()
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def get_host() -> BlockHost:
+    """The block host of the worker running the current task."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    host = worker.extensions.get("blockllm")
+    if host is None:
+        raise RuntimeError("this worker has no BlockLLM host; register BlockHostPlugin first")
+    return host
