@@ -187,7 +187,7 @@ class Manifest:
                 source=d.get("source", ""),
                 created=d.get("created", ""),
             )
+        except (ManifestError, InvalidNameError):
+            raise
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ManifestError):
-                raise
             raise ManifestError(f"malformed manifest: {e!r}") from e

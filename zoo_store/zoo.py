@@ -98,7 +98,7 @@ class Zoo:
         verify: bool | None = None,
         read_only: bool = False,
     ) -> None:
-        self.url = url or _config.default_zoo_url()
+        self.url = _config.default_zoo_url() if url is None else url
         self.verify_reads = _config.get("zoo.verify", True) if verify is None else verify
         self.read_only = read_only
         self._store = open_store(self.url, storage_options=storage_options, read_only=read_only)

@@ -240,6 +240,16 @@ class BlockHost:
             ids = _tokenize(self.tokenizer(model), raw.get("prompt"), raw.get("messages"))
         return Request(str(raw["request_id"]), model, tuple(int(i) for i in ids), sampling, int(raw.get("priority", 0))), tenant
 
+    def authorize(self, api_key: str | None, model: str) -> dict | None:
+        """None if the key's tenant may run `model`, else a wire error (checked before placing it)."""
+        try:
+            tenant = self.keys.tenant(api_key)
+            owner, _, name = model.partition("/")
+            check_access(self.zoo.get_manifest(owner, name), tenant)
+        except (BlockLLMError, ZooError, ValueError, KeyError, PermissionError) as e:
+            return error_to_wire(e)
+        return None
+
     def abort(self, ids: list[str]) -> None:
         for rid in ids:
             self._call(lambda e, r=rid: e.abort(r))
@@ -325,11 +335,14 @@ class BlockHostPlugin(WorkerPlugin):
         async def abort(comm=None, ids=None):
             host.abort(list(ids or []))
 
+        async def authorize(comm=None, api_key=None, model=None):
+            return await asyncio.get_running_loop().run_in_executor(None, host.authorize, api_key, model)
+
         async def stats(comm=None):
             return await asyncio.get_running_loop().run_in_executor(None, host.stats)
 
         worker.handlers.update(
-            {"blockllm_submit": submit, "blockllm_poll": poll, "blockllm_abort": abort, "blockllm_stats": stats}
+            {"blockllm_submit": submit, "blockllm_poll": poll, "blockllm_abort": abort, "blockllm_stats": stats, "blockllm_authorize": authorize}
         )
 
     def teardown(self, worker) -> None:
