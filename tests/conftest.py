@@ -50,7 +50,7 @@ def s3_zoo_url(seaweed, s3_bucket) -> tuple[str, dict]:
 
 @pytest.fixture(scope="session")
 def tiny_family():
-    from blockllm.model_sets.tiny import build_tiny_family
+    from blockllm.model_sets import build_tiny_family
 
     return build_tiny_family()
 

@@ -1,7 +1,5 @@
-"""Synthetic text for base pre-training, tenant tasks for fine-tuning, and their evaluation.
-
-Everything here is generated from a seeded `random.Random`, so it is deterministic and needs no data download.
-"""
+"""Synthetic text for base pre-training, tenant tasks for fine-tuning, and their evaluation; all of it
+generated from a seeded `random.Random`, so it is deterministic and needs no download."""
 
 from __future__ import annotations
 
@@ -24,6 +22,8 @@ __all__ = [
     "synthetic_corpus",
     "synthetic_loss",
     "synthetic_sentence",
+    "encode_task_batch",
+    "task_batches",
     "task_examples",
 ]
 
@@ -177,6 +177,42 @@ def task_examples(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
     return [task.make_example(rng) for _ in range(n)]
 
 
+# --------------------------------------------------------------------------- training batches
+
+
+def encode_task_batch(tokenizer: Any, examples: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch of prompt+answer+eos; the loss covers the answer and eos only."""
+    rows = []
+    for prompt, answer in examples:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + a, [-100] * len(p) + a))
+    return _pad(rows, tokenizer.pad_token_id)
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = [r + [pad_id] * (width - len(r)) for r, _ in rows]
+    labels = [lab + [-100] * (width - len(lab)) for _, lab in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r, _ in rows]
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "labels": torch.tensor(labels),
+    }
+
+
+def task_batches(
+    tokenizer: Any, task_name: str, *, steps: int, batch_size: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """`steps` training batches of `batch_size` examples of the task, drawn with `seed`."""
+    examples = task_examples(get_task(task_name), steps * batch_size, seed)
+    return [
+        encode_task_batch(tokenizer, examples[i : i + batch_size])
+        for i in range(0, len(examples), batch_size)
+    ]
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -203,10 +239,12 @@ def evaluate_accuracy(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
 ) -> float:
-    """Fraction of `n` held-out examples whose greedy continuation's first line equals the answer's.
+    """Fraction of `n` examples whose greedy continuation's first non-empty line equals the answer's.
 
-    Works with any transformers causal LM. Prompts are batched by token length, so no padding is
-    needed and batched results equal unbatched ones.
+    The examples are drawn with `seed`, which the builds never train with (they use seeds < 2000);
+    small tasks (e.g. "double") still share examples with training. Works with any transformers
+    causal LM; prompts are batched by token length, so no padding is needed and batched results
+    equal unbatched ones.
     """
     task = get_task(task) if isinstance(task, str) else task
     examples = task_examples(task, n, seed)
@@ -232,7 +270,9 @@ def evaluate_accuracy(
                     eos_token_id=eos,
                     pad_token_id=pad,
                 )
-                texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+                texts = tokenizer.batch_decode(
+                    out[:, input_ids.shape[1] :], skip_special_tokens=True
+                )
                 for i, text in zip(idx, texts, strict=True):
                     correct += _first_line(text) == _first_line(examples[i][1])
     finally:

@@ -1,7 +1,5 @@
-"""A tiny Llama family (base, partial and full fine-tunes, LoRA adapters) trained locally in seconds.
-
-Also holds the shared helpers (task training loop, locked atomic cache builds) used by `smollm2`.
-"""
+"""A tiny Llama family (base, partial and full fine-tunes, LoRA adapters) trained locally in seconds,
+plus the helpers it shares with `smollm2` (training loop, locked atomic cache builds)."""
 
 from __future__ import annotations
 
@@ -10,10 +8,10 @@ import copy
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +23,20 @@ from filelock import FileLock
 from blockllm.config import cache_dir
 from blockllm.model_sets.tasks import (
     evaluate_accuracy,
-    get_task,
     synthetic_corpus,
     synthetic_loss,
-    task_examples,
+    task_batches,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VERSION", "TinyFamily", "build_tiny_family", "train_tiny_tokenizer"]
+__all__ = [
+    "VERSION",
+    "TinyFamily",
+    "build_tiny_family",
+    "default_tiny_root",
+    "train_tiny_tokenizer",
+]
 
 VERSION = 1
 MARKER = ".complete.json"
@@ -111,9 +114,9 @@ class TinyFamily:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None = None) -> Iterator[None]:
-    """Temporarily set torch's intra-op threads (default: min(cpu count, 4))."""
+    """Temporarily set torch's intra-op threads (default: min(cpu count, 8))."""
     old = torch.get_num_threads()
-    torch.set_num_threads(n or min(os.cpu_count() or 1, 4))
+    torch.set_num_threads(n or min(os.cpu_count() or 1, 8))
     try:
         yield
     finally:
@@ -153,6 +156,7 @@ def locked_build(root: Path, build: Callable[[Path], dict[str, Any]], *, force: 
             t0 = time.perf_counter()
             meta = build(tmp)
             meta["build_seconds"] = round(time.perf_counter() - t0, 2)
+            _honour_umask(tmp)
             (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
             if root.exists():
                 shutil.rmtree(root)
@@ -161,6 +165,14 @@ def locked_build(root: Path, build: Callable[[Path], dict[str, Any]], *, force: 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     logger.info("built %s in %.1f s", root, meta["build_seconds"])
+
+
+def _honour_umask(tree: Path) -> None:
+    """mkdtemp makes 0700 dirs and safetensors writes 0600 files; make the cache readable as usual."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tree, *tree.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_task_file(path: Path, **info: Any) -> None:
@@ -173,28 +185,6 @@ def retarget_adapter(adapter_dir: Path, base_dir: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def encode_task_batch(tokenizer: Any, examples: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded batch of prompt+answer+eos; the loss covers the answer and eos only."""
-    rows = []
-    for prompt, answer in examples:
-        p = tokenizer(prompt)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((p + a, [-100] * len(p) + a))
-    return _pad(rows, tokenizer.pad_token_id)
-
-
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    ids = [r + [pad_id] * (width - len(r)) for r, _ in rows]
-    labels = [lab + [-100] * (width - len(lab)) for _, lab in rows]
-    mask = [[1] * len(r) + [0] * (width - len(r)) for r, _ in rows]
-    return {
-        "input_ids": torch.tensor(ids),
-        "attention_mask": torch.tensor(mask),
-        "labels": torch.tensor(labels),
-    }
 
 
 def train_steps(
@@ -225,14 +215,13 @@ def train_steps(
     return first, last
 
 
-def task_batches(
-    tokenizer: Any, task_name: str, *, steps: int, batch_size: int, seed: int
-) -> list[dict[str, torch.Tensor]]:
-    examples = task_examples(get_task(task_name), steps * batch_size, seed)
-    return [
-        encode_task_batch(tokenizer, examples[i : i + batch_size])
-        for i in range(0, len(examples), batch_size)
-    ]
+def make_peft_model(model: Any, lora_config: Any) -> Any:
+    """`peft.get_peft_model`, hiding the FutureWarning that peft 0.21 triggers in transformers 5."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, lora_config)
 
 
 def set_trainable(model: Any, part: str) -> None:
@@ -256,7 +245,10 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -301,7 +293,7 @@ def _save_model(model: Any, tokenizer: Any, path: Path, **info: Any) -> None:
 
 
 def _build_tiny(tmp: Path, final_root: Path, seed: int = 0) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
@@ -328,7 +320,10 @@ def _build_tiny(tmp: Path, final_root: Path, seed: int = 0) -> dict[str, Any]:
     batches = _lm_batches(tokenizer, texts, steps=_BASE_STEPS, rows=_BASE_ROWS, width=_BASE_WIDTH)
     first, last = train_steps(base, batches, lr=_BASE_LR, name="base")
     heldout = synthetic_loss(base, tokenizer)
-    logger.info("base: held-out synthetic loss %.3f, trained in %.1f s", heldout, time.perf_counter() - t0)
+    logger.info(
+        "base: held-out synthetic loss %.3f, trained in %.1f s", heldout, time.perf_counter() - t0
+    )
+    base.name_or_path = str(tmp / "base")  # peft's save looks for the base's config.json there
     _save_model(
         base, tokenizer, tmp / "base", task="synthetic", initial_loss=first, final_loss=last,
         heldout_loss=heldout,
@@ -343,12 +338,18 @@ def _build_tiny(tmp: Path, final_root: Path, seed: int = 0) -> dict[str, Any]:
         if part == "lora":
             rank, alpha, targets = _LORA[name]
             lora = LoraConfig(
-                r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=targets,
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, lora)
+            model = make_peft_model(model, lora)
         else:
             set_trainable(model, part)
-        batches = task_batches(tokenizer, task, steps=steps, batch_size=_TASK_BATCH, seed=seed + 1000 + i)
+        batches = task_batches(
+            tokenizer, task, steps=steps, batch_size=_TASK_BATCH, seed=seed + 1000 + i
+        )
         train_steps(model, batches, lr=lr, name=f"{name} ({part}, {task})")
         acc = evaluate_accuracy(model, tokenizer, task)
         logger.info(
