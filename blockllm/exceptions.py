@@ -46,6 +46,10 @@ __all__ = [
     "BlockNotFoundError",
     "CheckpointError",
     "ForbiddenError",
+    "InvalidRequestError",
+    "InvalidSamplingError",
+    "PromptTooLongError",
+    "UnknownModelError",
     "InvalidNameError",
     "ManifestError",
     "ModelNotFoundError",
@@ -74,3 +78,22 @@ class OverloadedError(BlockLLMError, RuntimeError):
 
 class NoCapacityError(BlockLLMError, RuntimeError):
     """No worker of the cluster can host a model's blocks (add workers or memory)."""
+
+
+class InvalidSamplingError(BlockLLMError, ValueError):
+    """Sampling parameters out of range (max_new_tokens <= 0, temperature < 0, top_p outside (0, 1], ...)."""
+
+
+class PromptTooLongError(BlockLLMError, ValueError):
+    """A prompt (plus max_new_tokens) longer than the model's context or the engine's max-model-len."""
+
+
+class InvalidRequestError(BlockLLMError, ValueError):
+    """A request that is malformed: empty prompt, token ids outside the vocabulary, duplicate id."""
+
+
+class UnknownModelError(BlockLLMError, KeyError):
+    """A request for a model the engine has not loaded (load it, or place it on this worker)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
