@@ -76,6 +76,8 @@ def typed_errors() -> Iterator[None]:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # distributed logs every connection at INFO
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     # peft reads a property transformers deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
@@ -182,9 +184,9 @@ def demo(
     zoo: ZooOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per variant.")] = 12,
 ) -> None:
-    """Build the tiny model family, ingest it, show the dedup, and generate with every variant."""
+    """Build the tiny model family, ingest it, show the dedup, serve a mixed batch of tenants on a LocalCluster."""
     from . import demo as demo_mod
-    from .model_sets.tiny import build_tiny_family
+    from .model_sets import build_tiny_family
 
     with typed_errors():
         with spinner("building the tiny model family (trained once, then cached)"):
@@ -200,7 +202,7 @@ def demo(
             table.add_row(key, kind, str(len(m.chain) + len(m.adapters)), "-" if r is None else str(r.new_blocks), "already there" if r is None else human(r.new_bytes))
         console.print(table)
         print_stats(z.stats())
-        demo_mod.run_generation(z, family, max_new_tokens=max_new_tokens, console=console)
+        demo_mod.run_serving(z, family, max_new_tokens=max_new_tokens, console=console)
 
 
 def _mount_plugins() -> None:

@@ -148,7 +148,7 @@ class Client:
             raise BlockLLMError(f"cannot place unknown models {unknown}")
         chosen = {k: manifests[k] for k in wanted}
         sizes = {fp: self.zoo.block_spec(fp).nbytes for m in chosen.values() for fp in m.fingerprints()}
-        current = {w: set(ms) for w, ms in (self.plan.assignments.items() if self.plan else [])}
+        current = self.loaded()  # the cluster's actual state: other clients may have placed models too
         plan = plan_placement(chosen, sizes, [WorkerInfo(w, self.capacity_bytes) for w in self.workers], traffic, current)
         futures = []
         for worker, models_here in plan.assignments.items():
@@ -161,11 +161,22 @@ class Client:
         self.plan = plan
         return plan
 
+    def loaded(self) -> dict[str, set[str]]:
+        """worker -> models its block host has loaded now."""
+        return {w: set(st["models"]) for w, st in self.stats().items()}
+
     def _route(self, model: str) -> str:
         if self.plan is None or not self.plan.workers_for(model):
+            where = [w for w, models in self.loaded().items() if model in models]
+            if where:  # placed by another client of this cluster
+                return min(where, key=lambda w: (self._inflight[w], next(self._rr)))
             # Placing on demand: first make sure this tenant may run the model at all.
+            workers = self.workers
+            if not workers:
+                raise NoCapacityError("the cluster has no workers")
+
             async def authorize():
-                return await self.dask.rpc(self.workers[0]).blockllm_authorize(api_key=self.api_key, model=model)
+                return await self.dask.rpc(workers[0]).blockllm_authorize(api_key=self.api_key, model=model)
 
             err = self.dask.sync(authorize)
             if err is not None:
@@ -265,8 +276,10 @@ class Client:
         async def one(w):
             return w, await self.dask.rpc(w).blockllm_stats()
 
+        workers = self.workers  # not inside the coroutine: scheduler_info() is sync-only
+
         async def all_():
-            return dict(await asyncio.gather(*(one(w) for w in self.workers)))
+            return dict(await asyncio.gather(*(one(w) for w in workers)))
 
         return self.dask.sync(all_)
 

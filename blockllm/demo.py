@@ -88,23 +88,32 @@ def demo_prompt(family: Any, member: str, seed: int = 7) -> str:
     return task_examples(get_task(task), 1, seed)[0][0]
 
 
-def run_generation(zoo: Zoo, family: Any, *, max_new_tokens: int, console: Any) -> None:
-    """Greedy generation for every member through its chain reassembled from the zoo."""
-    import torch
+def run_serving(zoo: Zoo, family: Any, *, max_new_tokens: int, console: Any, n_workers: int = 2) -> None:
+    """Serve a mixed batch from several tenants through a LocalCluster of block hosts."""
     from rich.table import Table
 
-    from .chain import load_model, load_tokenizer
+    from .auth import create_key
+    from .client import Client, GenerationRequest
+    from .types import SamplingParams
 
-    table = Table("model", "prompt", "completion", "blocks (first 8 hex)", title="generation")
-    for m in members(family):
-        manifest = zoo.get_manifest(m.tenant, m.name)
-        model = load_model(zoo, manifest)
-        tok = load_tokenizer(zoo, manifest)
-        prompt = demo_prompt(family, m.member)
-        ids = tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        chain = " ".join(fp[:8] for fp in manifest.chain) + "".join(f" +lora@{a.index}:{a.fingerprint[:8]}" for a in manifest.adapters)
-        table.add_row(m.key, prompt, text.split("\n")[0], chain)
-    console.print(table)
+    keys = {m.tenant: create_key(zoo, m.tenant) for m in members(family)}
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    with Client(zoo=zoo.url, n_workers=n_workers, api_key=keys["platform"]) as platform:
+        console.print(f"Dask dashboard: {platform.dashboard_link}")
+        clients = {t: Client(platform.dask, zoo=zoo.url, api_key=k) for t, k in keys.items()}
+        plan = platform.place([m.key for m in members(family)])
+        futures = []
+        for seed in (7, 8):
+            for m in members(family):
+                prompt = demo_prompt(family, m.member, seed)
+                futures.append((m, prompt, clients[m.tenant].submit([GenerationRequest(model=m.key, prompt=prompt, sampling=sampling)])[0]))
+        table = Table("tenant", "model", "prompt", "completion", "worker", "blocks passed through (first 8 hex)", title="served as one mixed batch")
+        for m, prompt, fut in futures:
+            out = fut.result(600)
+            adapters = set(zoo.get_manifest(m.tenant, m.name).fingerprints()) - set(zoo.get_manifest(m.tenant, m.name).chain)
+            blocks = " ".join(fp[:8] + ("*" if fp in adapters else "") for fp in out.blocks)
+            table.add_row(m.tenant, m.key, prompt, out.text.split("\n")[0], out.worker.rsplit(":", 1)[-1], blocks)
+        console.print(table)
+        console.print("* = a LoRA adapter block. Placement:")
+        for worker, models in plan.assignments.items():
+            console.print(f"  {worker}: {', '.join(models) or '(nothing)'}")

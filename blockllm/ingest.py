@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from graphs import validate_error_budget
 from zoo_store import AdapterRef, Manifest, ModelExistsError, ModelNotFoundError, Zoo, fingerprint, validate_name
 
 from . import config as _config
@@ -85,6 +86,7 @@ def ingest(
     """Ingest a model directory, a PEFT LoRA adapter directory or a GGUF file as tenant/name."""
     validate_name(tenant, "tenant")
     validate_name(name, "model name")
+    validate_error_budget(error_budget, model=f"{tenant}/{name}")  # typed error before any block is written
     if not overwrite and zoo.has_model(tenant, name):
         raise ModelExistsError(tenant, name)
     lpb = int(layers_per_block or _config.get("partition.layers-per-block", 1))

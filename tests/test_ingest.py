@@ -28,17 +28,9 @@ from blockllm.exceptions import (
 from blockllm.ingest import ingest
 from zoo_store import Zoo
 
+from reference import reference_model  # noqa: E402
+
 PROMPTS = ["3 + 4 =", "next number after 17 is ->", "reverse: a b c ->", "the cat"]
-
-
-def reference_model(member, family):
-    """What transformers (and peft) themselves load from the member's directory."""
-    if member.is_adapter:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(family.base, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, member.path).eval()
-    return AutoModelForCausalLM.from_pretrained(member.path, dtype=torch.float32).eval()
 
 
 def snapshot(zoo: Zoo):

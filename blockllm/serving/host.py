@@ -174,8 +174,12 @@ class BlockHost:
         return result
 
     def unload(self, models: list[str]) -> dict[str, Any]:
-        result = self._call(_unload_models, models).result()
-        self.loaded.difference_update(models)
+        with self._lock:
+            busy = {t.model for t in self._tracked.values() if not t.finished}
+        for m in sorted(busy & set(models)):  # never abort requests in flight; a later round drops it
+            log.info("not unloading %s: it has requests in flight", m)
+        result = self._call(_unload_models, [m for m in models if m not in busy]).result()
+        self.loaded = set(self._call(lambda e: e.loaded_models()).result())
         return result
 
     def tokenizer(self, model: str):

@@ -58,7 +58,7 @@ def plan_placement(
     further workers. `current` (worker -> models) makes the plan sticky: staying is preferred
     to moving when the scores tie.
     """
-    traffic = dict(traffic or {})
+    traffic = dict(traffic or {}) or {k: 1.0 for k in manifests}  # unknown traffic: assume uniform
     current = {w: set(ms) for w, ms in (current or {}).items()}
     total = sum(traffic.values()) or 1.0
     held: dict[str, set[str]] = {w.address: set() for w in workers}
