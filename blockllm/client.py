@@ -47,6 +47,7 @@ class Completion:
     blocks: tuple[str, ...] = ()
     ttft: float | None = None
     latency: float | None = None
+    substitutions: tuple[dict, ...] = ()  # blocks served by an equivalent, with their scores
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Client:
                     if st.get("error"):
                         f.set_exception(error_from_wire(st["error"]))
                     else:
-                        f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(st["token_ids"]), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency")))
+                        f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(st["token_ids"]), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency"), tuple(st.get("substitutions", ()))))
         except Exception as e:  # worker lost or comm broken: fail what is left, typed
             for f in futures:
                 if not f.done():

@@ -8,6 +8,8 @@ steps the engine. Placement reaches the host as ordinary Dask tasks (see placeme
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import queue
 import threading
@@ -44,6 +46,7 @@ class _Tracked:
     finish_reason: str | None = None
     error: dict | None = None
     blocks: tuple[str, ...] = ()
+    substitutions: list[dict] = field(default_factory=list)
     first_token: float | None = None
     done_at: float | None = None
 
@@ -56,6 +59,7 @@ class _Tracked:
             "finish_reason": self.finish_reason,
             "error": self.error,
             "blocks": list(self.blocks) if self.finished else [],
+            "substitutions": self.substitutions,
             "ttft": (self.first_token - self.submitted) if self.first_token else None,
             "latency": (self.done_at - self.submitted) if self.done_at else None,
         }
@@ -81,6 +85,8 @@ class BlockHost:
         self.transitions: Counter[tuple[str, str]] = Counter()  # block -> next block, per request
         self.steps = 0
         self.loaded: set[str] = set()
+        self._graph = None  # graphs.PublishedGraph, made on first use
+        self._graph_checked = 0.0
         self._tokenizers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,11 +218,11 @@ class BlockHost:
             try:
                 if queued >= self.max_queued:
                     raise OverloadedError(f"this worker holds {queued} requests already", retry_after=1.0)
-                req, tenant = self._prepare(raw)
+                req, tenant, substitutions = self._prepare(raw)
                 with self._lock:
                     if req.request_id in self._tracked:
                         raise BlockLLMError(f"request id {req.request_id} is already in use")
-                    self._tracked[req.request_id] = _Tracked(req.model, tenant, time.monotonic())
+                    self._tracked[req.request_id] = _Tracked(req.model, tenant, time.monotonic(), substitutions=substitutions)
                 try:
                     self._call(lambda e, r=req: e.add_request(r)).result()
                 except BaseException:
@@ -239,10 +245,31 @@ class BlockHost:
         manifest = self.zoo.get_manifest(owner, name)
         check_access(manifest, tenant)
         sampling = SamplingParams(**(raw.get("sampling") or {}))
+        serve_as, substitutions = self._plan_chain(manifest, tenant)
         ids = raw.get("prompt_token_ids")
         if ids is None:
             ids = _tokenize(self.tokenizer(model), raw.get("prompt"), raw.get("messages"))
-        return Request(str(raw["request_id"]), model, tuple(int(i) for i in ids), sampling, int(raw.get("priority", 0))), tenant
+        return Request(str(raw["request_id"]), serve_as, tuple(int(i) for i in ids), sampling, int(raw.get("priority", 0))), tenant, substitutions
+
+    def _plan_chain(self, manifest, tenant: str) -> tuple[str, list[dict]]:
+        """The model key to run: its own chain, or (within its owner's error budget) a substituted one."""
+        if not manifest.error_budget:
+            return manifest.key, []
+        from graphs import ChainPlanner, PublishedGraph
+
+        if self._graph is None:
+            self._graph = PublishedGraph(self.zoo)
+        if time.monotonic() - self._graph_checked > 10:
+            self._graph.refresh()
+            self._graph_checked = time.monotonic()
+        resident = {fp for key in self.loaded for fp in self.zoo.get_manifest(*key.split("/", 1)).fingerprints()}
+        plan = ChainPlanner(self._graph.graph).plan(manifest, tenant, resident=resident)
+        if not plan.substituted:
+            return manifest.key, []
+        digest = hashlib.sha256("".join(plan.chain).encode()).hexdigest()[:10]
+        derived = dataclasses.replace(plan.manifest(manifest), name=f"{manifest.name[:50]}.sub-{digest}")
+        self._call(lambda e: e.load(derived)).result()
+        return derived.key, plan.report()["substitutions"]
 
     def authorize(self, api_key: str | None, model: str) -> dict | None:
         """None if the key's tenant may run `model`, else a wire error (checked before placing it)."""
