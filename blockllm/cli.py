@@ -205,6 +205,14 @@ def demo(
         demo_mod.run_serving(z, family, max_new_tokens=max_new_tokens, console=console)
 
 
+# ------------------------------------------------------------------------------ serving
+from .monitoring.commands import keys_app, serve, status  # noqa: E402
+
+app.command()(serve)
+app.command()(status)
+app.add_typer(keys_app, name="keys")
+
+
 def _mount_plugins() -> None:
     """Sub-commands from other packages (e.g. `jobs`), registered under the `blockllm.cli` entry point group."""
     for ep in entry_points(group="blockllm.cli"):

@@ -37,9 +37,11 @@ PLUGIN_NAME = "blockllm-host"
 class _Tracked:
     """What the host remembers of a request until its client has read the end of it."""
 
-    model: str
+    model: str  # the model as served (a substituted chain runs under a derived key)
     tenant: str
     submitted: float
+    requested: str = ""  # the model the client asked for
+    prompt_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
     finished: bool = False
@@ -81,6 +83,9 @@ class BlockHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="blockllm-host", daemon=True)
+        from ..metrics import HostMetrics
+
+        self.metrics = HostMetrics()  # exported by blockllm.monitoring (dashboard, /metrics)
         self.traffic: Counter[str] = Counter()  # requests per model since start
         self.transitions: Counter[tuple[str, str]] = Counter()  # block -> next block, per request
         self.steps = 0
@@ -137,12 +142,14 @@ class BlockHost:
             if item is None:
                 break
             if self.engine.has_unfinished():
+                started = time.perf_counter()
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
                     log.exception("engine step failed; failing its requests")
                     self._fail_all(e)
                     continue
+                self.metrics.step(time.perf_counter() - started, len(outputs))
                 self.steps += 1
                 self._record(outputs)
 
@@ -159,6 +166,10 @@ class BlockHost:
                 if out.finished:
                     t.finished, t.finish_reason, t.text, t.done_at = True, out.finish_reason, out.text, now
                     t.blocks = tuple(out.blocks)
+                    self.metrics.finished(
+                        t.requested or t.model, t.tenant, n_tokens=len(t.token_ids), ttft=(t.first_token - t.submitted) if t.first_token is not None else None,
+                        latency=now - t.submitted, finish_reason=t.finish_reason, substituted=len(t.substitutions),
+                    )
                     for a, b in zip(out.blocks, out.blocks[1:]):
                         self.transitions[(a, b)] += 1
         if outputs:
@@ -222,17 +233,21 @@ class BlockHost:
                 with self._lock:
                     if req.request_id in self._tracked:
                         raise BlockLLMError(f"request id {req.request_id} is already in use")
-                    self._tracked[req.request_id] = _Tracked(req.model, tenant, time.monotonic(), substitutions=substitutions)
+                    self._tracked[req.request_id] = _Tracked(
+                        req.model, tenant, time.monotonic(), str(raw.get("model")), len(req.prompt_token_ids), substitutions=substitutions
+                    )
                 try:
                     self._call(lambda e, r=req: e.add_request(r)).result()
                 except BaseException:
                     with self._lock:
                         self._tracked.pop(req.request_id, None)
                     raise
-                self.traffic[req.model] += 1
+                self.traffic[str(raw.get("model"))] += 1
+                self.metrics.admitted(str(raw.get("model")), tenant, prompt_tokens=len(req.prompt_token_ids))
                 queued += 1
                 results.append(None)
             except (BlockLLMError, ZooError, ValueError, KeyError, PermissionError) as e:
+                self.metrics.rejected(str(raw.get("model", "")), "", type(e).__name__)
                 results.append(error_to_wire(e))
         return results
 
@@ -333,9 +348,11 @@ def _unload_models(engine, models: list[str]) -> dict[str, Any]:
 
 def _tokenize(tok, prompt: str | None, messages: list | None) -> list[int]:
     if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        # distributed's msgpack hands lists over as tuples
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...}")
-        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        chat = [dict(m) for m in messages]
+        return list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, not {type(prompt).__name__}")
     return list(tok(prompt)["input_ids"])
