@@ -1,92 +1,70 @@
-"""The block engine: requests of any model in the zoo, batched block by block on one device.
+"""The block engine: requests of any loaded model, batched block by block on one device.
 
-Every step, each loaded block runs ONE forward over the rows of every scheduled request whose
-chain passes through it (continuous, iteration-level batching over a flattened token batch):
-requests of different models merge at shared blocks and split at their own. LoRA adapters add
-their low-rank delta only to their own requests' rows, grouped by adapter.
+Every step, each loaded block instance runs ONE forward over the rows of every scheduled request
+whose chain passes through it, whatever model it belongs to (iteration-level batching): requests
+merge at shared blocks and split at their own. LoRA adapters add their low-rank delta to their own
+rows only. KV lives in a paged pool; decode steps replay CUDA graphs of the whole chain.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-
-from zoo_store import Manifest, ModelNotFoundError, Zoo
 
 from .. import config as _config
 from ..exceptions import InvalidRequestError, PromptTooLongError, UnknownModelError
 from ..types import Request, RequestOutput, SamplingParams
-from .blocks import AdapterWeights, EngineBlock, LoRA, Rotary, load_adapter, rms_norm, rotate_half
-from .kv_cache import PagePool, pool_pages
+from . import ops
+from .forward import Lane, run_plan
+from .graphs import GraphCache
+from .kv_cache import KVPool
+from .loading import LoadedModel, ModelLoading
+from .pipeline import PipelinedDecode, _Inflight
+from .plan import Item, ModelClass, Plan, bucket, build_plan, fill_inputs
 from .sampling import make_generator, sample
+from .scheduler import Scheduler, Sequence
+from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineStats:
-    weight_bytes: int  # distinct loaded blocks + adapters
+    weight_bytes: int  # bytes of the distinct loaded blocks and adapters
     blocks_loaded: int
     adapters_loaded: int
     models_loaded: int
     kv_pages_used: int
     kv_pages_total: int
+    kv_page_bytes: int
     running: int
     waiting: int
     steps: int
     tokens_generated: int
     preemptions: int
-    last_batch: dict[str, int] = field(default_factory=dict)  # block fp -> rows last step
-    block_tokens: dict[str, int] = field(default_factory=dict)  # block fp -> tokens processed
+    graphs_captured: int
+    # block fingerprint -> requests that ran through it in the last step
+    last_batch: dict[str, int] = field(default_factory=dict)
+    # block fingerprint -> tokens it processed, all steps
+    block_tokens: dict[str, int] = field(default_factory=dict)
+    # per block: fingerprint, bytes, batch (last step), tokens, limit (for monitoring)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class _Model:
-    manifest: Manifest
-    chain: tuple[str, ...]
-    adapters: dict[int, str]
-    rotary: Rotary
-    tokenizer: Any
-    eos: frozenset[int]
-    vocab: int
-    max_len: int
-    pool_key: tuple[int, int]
-
-
-@dataclass
-class _Seq:
-    req: Request
-    model: _Model
-    tokens: list[int]
-    n_prompt: int
-    generator: torch.Generator | None
-    arrival: float
-    computed: int = 0  # tokens whose KV is cached
-    pages: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (chain idx, layer) -> pages
-    logprobs: list[float] = field(default_factory=list)
-    finished: bool = False
-    reason: str | None = None
-    text: str | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.n_prompt:]
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def _device(device: str | torch.device | None) -> torch.device:
     name = device or _config.get("engine.device", "auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     name = dtype or _config.get("engine.dtype", "auto")
     if isinstance(name, torch.dtype):
         return name
@@ -95,94 +73,68 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return getattr(torch, name)
 
 
-class Engine:
-    """Blocks loaded once each on one device; requests of any loaded model batched per block."""
+class Engine(ModelLoading, PipelinedDecode):
+    """Blocks loaded once each on one device; requests of every loaded model batched per block.
+
+    `load(model)` / `unload(model)`, `add_request(req)`, `step()` (one iteration: the outputs of
+    requests that got a token), `abort(id)`, `generate(requests)`, `stats()`. Defaults come from
+    `blockllm.config` (engine.*). `zoo` is a `Zoo` or anything with its read methods
+    (`engine.source.TensorSource` serves tensors already in memory).
+    """
 
     def __init__(
         self,
-        zoo: Zoo,
+        zoo: Any,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         page_size: int | None = None,
-        kv_pages: int | None = None,
+        kv_pages: int | str | None = None,
         max_batch_size: int | None = None,
+        cuda_graphs: bool | None = None,
         max_model_len: int | None = None,
+        prefill_chunk: int | None = None,
+        tune_kernels: bool | None = None,
     ) -> None:
         self.zoo = zoo
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = _device(device)
+        self.dtype = _dtype(dtype, self.device)
         self.page_size = int(page_size or _config.get("engine.page-size", 16))
         self.kv_pages = kv_pages if kv_pages is not None else _config.get("engine.kv-pages", "auto")
         self.max_batch_size = int(max_batch_size or _config.get("engine.max-batch-size", 64))
         self.max_model_len = int(max_model_len or _config.get("engine.max-model-len", 4096))
-        self.blocks: dict[str, EngineBlock] = {}
-        self.adapters: dict[str, AdapterWeights] = {}
-        self.models: dict[str, _Model] = {}
-        self.pools: dict[tuple[int, int], PagePool] = {}
+        graphs = _config.get("engine.cuda-graphs", True) if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = bool(graphs) and self.device.type == "cuda"
+        if self.cuda_graphs and ops._triton_ops() is None:
+            log.warning(
+                "CUDA graphs need the Triton kernels (the torch attention sizes itself on the host); running eagerly"
+            )
+            self.cuda_graphs = False
+        tune = _config.get("engine.tune-kernels", False) if tune_kernels is None else tune_kernels
+        self.tune_kernels = bool(tune) and self.device.type == "cuda"
+        # fold RMSNorm weights into the following GEMMs where the fused kernels apply the row scale
+        self.fold_norms = self.device.type == "cuda" and ops._triton_ops() is not None
+        self.instances: dict[str, EmbedBlock | LayerBlock | HeadBlock] = {}
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._refs: Counter[str] = Counter()
+        self.models: dict[str, LoadedModel] = {}
+        self._classes: dict[tuple, ModelClass] = {}
+        self.lanes: dict[tuple, Lane] = {}
+        self.pools: dict[tuple, KVPool] = {}
         self.block_limits: dict[str, int] = {}
-        self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []
-        self._ids: set[str] = set()
-        self._finished_out: list[RequestOutput] = []
+        self.scheduler = Scheduler(
+            int(prefill_chunk or _config.get("engine.prefill-chunk", 512)), self._limit
+        )
+        self._live: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []
+        self._arrivals = itertools.count()
+        self._plans: dict[tuple, tuple[Plan, np.ndarray, torch.Tensor | None]] = {}
+        self._inflight: _Inflight | None = None
+        self.graphs = GraphCache()
         self.steps = 0
         self.tokens_generated = 0
-        self.preemptions = 0
         self.last_batch: dict[str, int] = {}
         self.block_tokens: Counter[str] = Counter()
-
-    # ------------------------------------------------------------------ loading
-    def load(self, model: str | Manifest) -> None:
-        """Load a model's blocks and adapters (each distinct fingerprint once); idempotent."""
-        manifest = model if isinstance(model, Manifest) else self._manifest(model)
-        if manifest.key in self.models:
-            return
-        for fp in manifest.chain:
-            if fp not in self.blocks:
-                self.blocks[fp] = EngineBlock(self.zoo.get_block(fp), self.device, self.dtype)
-        adapters = {}
-        for ref in manifest.adapters:
-            if ref.fingerprint not in self.adapters:
-                self.adapters[ref.fingerprint] = load_adapter(self.zoo.get_block(ref.fingerprint), self.device, self.dtype)
-            adapters[ref.index] = ref.fingerprint
-        layer = next(self.blocks[fp] for fp in manifest.chain if self.blocks[fp].kind == "layers")
-        key = (layer.n_kv, layer.head_dim)
-        if key not in self.pools:
-            page_bytes = 2 * self.page_size * key[0] * key[1] * torch.tensor([], dtype=self.dtype).element_size()
-            self.pools[key] = PagePool(pool_pages(self.device, page_bytes, self.kv_pages), self.page_size, key[0], key[1], self.dtype, self.device)
-        cfg = manifest.config
-        eos = cfg.get("eos_token_id")
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        tokenizer = None
-        if manifest.tokenizer:
-            from ..chain import load_tokenizer
-
-            tokenizer = load_tokenizer(self.zoo, manifest)
-        self.models[manifest.key] = _Model(
-            manifest, manifest.chain, adapters, Rotary(cfg, self.device), tokenizer, frozenset(eos_ids),
-            int(cfg["vocab_size"]), min(self.max_model_len, int(cfg.get("max_position_embeddings", self.max_model_len))), key,
-        )
-
-    def _manifest(self, key: str) -> Manifest:
-        tenant, _, name = str(key).partition("/")
-        try:
-            return self.zoo.get_manifest(tenant, name)
-        except ModelNotFoundError:
-            raise UnknownModelError(f"unknown model {key!r}: not in the zoo") from None
-
-    def unload(self, model: str) -> None:
-        """Forget a model; blocks no other loaded model uses are freed. Its requests are aborted."""
-        m = self.models.pop(model, None)
-        if m is None:
-            return
-        for s in [s for s in [*self.running, *self.waiting] if s.model is m]:
-            self.abort(s.req.request_id)
-        used = {fp for other in self.models.values() for fp in other.chain}
-        used_adapters = {fp for other in self.models.values() for fp in other.adapters.values()}
-        for fp in set(m.chain) - used:
-            self.blocks.pop(fp, None)
-        for fp in set(m.adapters.values()) - used_adapters:
-            self.adapters.pop(fp, None)
 
     def loaded_models(self) -> list[str]:
         return sorted(self.models)
@@ -191,53 +143,83 @@ class Engine:
         return self._model(model).tokenizer
 
     def set_block_batch_limit(self, fingerprint: str, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("a block's batch limit must be >= 1")
+        """At most `limit` requests run through block `fingerprint` in one step."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"a block's batch limit must be an integer >= 1, not {limit!r}")
         self.block_limits[fingerprint] = limit
 
-    def _model(self, key: str) -> _Model:
+    def _limit(self, fingerprint: str) -> int:
+        return self.block_limits.get(fingerprint, self.max_batch_size)
+
+    def _model(self, key: str) -> LoadedModel:
         m = self.models.get(key)
         if m is None:
-            raise UnknownModelError(f"model {key!r} is not loaded on this engine; load it first")
+            raise UnknownModelError(
+                f"model {key!r} is not loaded on this engine; load it first (engine.load)"
+            )
         return m
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Request) -> None:
         """Validate and queue a request; a bad one raises a typed error and disturbs nothing."""
+        if not isinstance(req, Request):
+            raise InvalidRequestError(f"expected a Request, not {type(req).__name__}")
         if not isinstance(req.sampling, SamplingParams):
-            raise InvalidRequestError("sampling must be SamplingParams")
-        if req.request_id in self._ids:
-            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
-        m = self._model(req.model)
-        ids = list(req.prompt_token_ids)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if any(not isinstance(t, int) or t < 0 or t >= m.vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {m.vocab})")
-        if len(ids) + req.sampling.max_new_tokens > m.max_len:
-            raise PromptTooLongError(
-                f"prompt of {len(ids)} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds the "
-                f"model's context of {m.max_len} tokens"
+            raise InvalidRequestError("sampling must be a SamplingParams")
+        if not isinstance(req.request_id, str) or not req.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string")
+        if req.request_id in self._live:
+            raise InvalidRequestError(
+                f"request id {req.request_id!r} is already in use; pick another"
             )
-        pool = self.pools[m.pool_key]
-        need = self._slots(m) * pool.pages_for(len(ids) + req.sampling.max_new_tokens)
-        if need > pool.num_pages:
-            raise PromptTooLongError(f"this request needs {need} KV pages, more than the pool's {pool.num_pages}")
-        self._ids.add(req.request_id)
-        self.waiting.append(_Seq(req, m, ids, len(ids), make_generator(req.sampling, self.device), time.monotonic()))
+        m = self._model(req.model)
+        ids = req.prompt_token_ids
+        if not isinstance(ids, (tuple, list)) or not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token id")
+        if any(
+            isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < m.vocab
+            for t in ids
+        ):
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {m.vocab}) for {req.model}"
+            )
+        if len(ids) >= m.context:
+            raise PromptTooLongError(
+                f"a prompt of {len(ids)} tokens leaves no room in {req.model}'s context of {m.context} tokens; shorten it"
+            )
+        if req.sampling.stop and m.tokenizer is None:
+            raise InvalidRequestError(
+                f"stop strings need a tokenizer, and {req.model} was loaded without one; use stop_token_ids"
+            )
+        pool = m.lane.pool
+        need = pool.pages_for(min(len(ids) + req.sampling.max_new_tokens, m.context))
+        if need > pool.num_pages - 1:
+            raise PromptTooLongError(
+                f"request needs {need} KV pages at full length, more than the pool's {pool.num_pages - 1}; "
+                "shorten it, lower max_new_tokens, or raise engine.kv-pages"
+            )
+        seq = Sequence(
+            req,
+            m,
+            [int(t) for t in ids],
+            len(ids),
+            make_generator(req.sampling),
+            next(self._arrivals),
+        )
+        self._live[req.request_id] = seq
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        for group in (self.running, self.waiting):
-            for s in list(group):
-                if s.req.request_id == request_id:
-                    group.remove(s)
-                    self._free(s)
-                    self._ids.discard(request_id)
-                    s.finished, s.reason = True, "abort"
-                    self._finished_out.append(self._output(s))
+        """Stop a request now; its final output (finish_reason "abort") comes with the next step."""
+        seq = self._live.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.finish(seq)
+        seq.finished, seq.reason = True, "abort"
+        self._pending.append(self._output(seq))
 
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting or self._finished_out)
+        return bool(self._live or self._pending or self._inflight)
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
         """Run steps until every given request is done; final outputs in input order."""
@@ -246,308 +228,207 @@ class Engine:
         wanted = {r.request_id for r in requests}
         done: dict[str, RequestOutput] = {}
         while wanted - done.keys():
+            if not self.has_unfinished():
+                raise RuntimeError(
+                    f"requests {sorted(wanted - done.keys())} vanished without finishing"
+                )
             for out in self.step():
                 if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
         return [done[r.request_id] for r in requests]
 
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            weight_bytes=sum(b.nbytes for b in self.blocks.values()) + sum(a.nbytes for a in self.adapters.values()),
-            blocks_loaded=len(self.blocks), adapters_loaded=len(self.adapters), models_loaded=len(self.models),
-            kv_pages_used=sum(p.used for p in self.pools.values()), kv_pages_total=sum(p.num_pages for p in self.pools.values()),
-            running=len(self.running), waiting=len(self.waiting), steps=self.steps, tokens_generated=self.tokens_generated,
-            preemptions=self.preemptions, last_batch=dict(self.last_batch), block_tokens=dict(self.block_tokens),
-        )
-
-    # ------------------------------------------------------------------ scheduling
-    def _slots(self, m: _Model) -> int:
-        return sum(self.blocks[fp].n_layers for fp in m.chain)
-
-    def _free(self, s: _Seq) -> None:
-        pool = self.pools[s.model.pool_key]
-        for pages in s.pages.values():
-            pool.release(pages)
-        s.pages.clear()
-        s.computed = 0
-
-    def _ensure_pages(self, s: _Seq, length: int) -> bool:
-        pool = self.pools[s.model.pool_key]
-        need_each = pool.pages_for(length)
-        slots = [(i, j) for i, fp in enumerate(s.model.chain) for j in range(self.blocks[fp].n_layers)]
-        have = len(next(iter(s.pages.values()), []))
-        missing = (need_each - have) * len(slots)
-        if missing <= 0:
-            return True
-        if missing > pool.free:
-            return False
-        for slot in slots:
-            s.pages.setdefault(slot, []).extend(pool.alloc(need_each - have))
-        return True
-
-    def _schedule(self) -> list[_Seq]:
-        """Admit waiting requests while KV pages last; preempt (recompute later) if decode runs dry."""
-        # Decode growth first: every running request needs room for one more token.
-        for s in sorted(self.running, key=lambda s: (-s.req.priority, s.arrival)):
-            while s in self.running and not self._ensure_pages(s, len(s.tokens)):
-                victim = min(self.running, key=lambda v: (v.req.priority, -v.arrival))
-                self.running.remove(victim)
-                self._free(victim)
-                self.waiting.appendleft(victim)
-                self.preemptions += 1
-        ordered = sorted(self.waiting, key=lambda s: (-s.req.priority, s.arrival))
-        for s in ordered:
-            if not self._ensure_pages(s, len(s.tokens)):
-                break  # admission waits for pages
-            self.waiting.remove(s)
-            self.running.append(s)
-        # Per-block batch limits: requests beyond a block's limit sit this step out.
-        counts: Counter[str] = Counter()
-        batch = []
-        for s in sorted(self.running, key=lambda s: (-s.req.priority, s.arrival)):
-            fps = set(s.model.chain)
-            if all(counts[fp] < self.block_limits.get(fp, self.max_batch_size) for fp in fps):
-                counts.update(fps)
-                batch.append(s)
-        return batch
-
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        outputs, self._finished_out = self._finished_out, []
-        batch = self._schedule()
-        if not batch:
-            if self.waiting and not self.running:
-                log.warning("KV pool too small for the next request; it waits")
+        """One iteration: every scheduled request advances by a decode token or a prefill chunk."""
+        outputs, self._pending = self._pending, []
+        prev = self._inflight
+        if prev is not None:  # a decode graph is in flight: launch the next one first, then read it
+            self._inflight = None
+            with torch.inference_mode():
+                if self._chainable(prev):
+                    self._inflight = self._chain(prev)
+            outputs.extend(self._collect(prev))
+            return outputs
+        work = self.scheduler.schedule()
+        if not work:
+            if self.scheduler.waiting and not self.scheduler.running:
+                log.warning(
+                    "%d requests wait: a block limit or the KV pool admits none",
+                    len(self.scheduler.waiting),
+                )
+            return outputs
+        by_lane: dict[tuple, dict[tuple, tuple[ModelClass, list[tuple[Sequence, int]]]]] = {}
+        for seq, n in sorted(work, key=lambda w: w[0].arrival):
+            cls = seq.model.cls
+            by_lane.setdefault(cls.lane, {}).setdefault(cls.key, (cls, []))[1].append((seq, n))
+        self._count(work)
+        if len(by_lane) == 1 and self._pipelined(work):
+            ((lane_key, classes),) = by_lane.items()
+            with torch.inference_mode():
+                self._inflight = self._launch(
+                    self.lanes[lane_key], [classes[k] for k in sorted(classes)]
+                )
+            self.steps += 1
             return outputs
         with torch.inference_mode():
-            logits = self._forward(batch)
-            tokens, lps = sample(logits, [s.req.sampling for s in batch], [s.generator for s in batch])
+            results = []
+            for lane_key, classes in by_lane.items():
+                lane = self.lanes[lane_key]
+                groups = [classes[k] for k in sorted(classes)]
+                results.append(self._run_lane(lane, groups))
         self.steps += 1
-        for s, tok, lp in zip(batch, tokens, lps):
-            s.computed = len(s.tokens)
-            s.tokens.append(tok)
-            s.logprobs.append(lp)
-            self.tokens_generated += 1
-            self._check_stop(s, tok)
-            if s.finished:
-                self.running.remove(s)
-                self._free(s)
-                self._ids.discard(s.req.request_id)
-            outputs.append(self._output(s))
+        for groups, toks, lps in results:
+            k = 0
+            for _cls, members in groups:
+                for seq, n in members:
+                    seq.computed += n
+                    if seq.computed == len(seq.tokens):
+                        self._append(seq, toks[k], lps[k])
+                        outputs.append(self._output(seq))
+                        k += 1
         return outputs
 
-    def _check_stop(self, s: _Seq, tok: int) -> None:
-        p = s.req.sampling
-        if not p.ignore_eos and tok in s.model.eos:
-            s.finished, s.reason = True, "eos"
-        elif tok in p.stop_token_ids:
-            s.finished, s.reason = True, "stop"
-        elif len(s.generated) >= p.max_new_tokens:
-            s.finished, s.reason = True, "length"
-        if p.stop and s.model.tokenizer is not None:
-            text = s.model.tokenizer.decode(s.generated, skip_special_tokens=True)
-            hits = [text.index(x) for x in p.stop if x in text]
-            if hits:
-                s.finished, s.reason, s.text = True, "stop", text[: min(hits)]
+    def _count(self, work: list[tuple[Sequence, int]]) -> None:
+        per_cls: dict[int, list] = {}
+        for seq, n in work:
+            e = per_cls.setdefault(id(seq.model), [seq.model, 0, 0])
+            e[1] += 1
+            e[2] += n
+        last: Counter[str] = Counter()
+        for m, reqs, toks in per_cls.values():
+            for fp in m.block_fps:
+                last[fp] += reqs
+                self.block_tokens[fp] += toks
+        self.last_batch = dict(last)
 
-    def _output(self, s: _Seq) -> RequestOutput:
-        if s.finished and s.text is None and s.model.tokenizer is not None:
-            s.text = s.model.tokenizer.decode(s.generated, skip_special_tokens=True)
-        blocks = (*s.model.chain, *sorted(s.model.adapters.values())) if s.finished else ()
+    def _run_lane(self, lane: Lane, groups: list) -> tuple[list, list[int], list[float | None]]:
+        """Plan, run (graph replay or eager) and sample one lane's share of the step."""
+        lane.pool.sync()
+        item_groups = [
+            (
+                cls,
+                [
+                    Item(
+                        seq.tokens[seq.computed : seq.computed + n],
+                        seq.computed,
+                        seq.slot,
+                        seq.computed + n == len(seq.tokens),
+                    )
+                    for seq, n in members
+                ],
+            )
+            for cls, members in groups
+        ]
+        decode = all(n == 1 for _, members in groups for _, n in members)
+        if decode:
+            sig = (
+                lane.key,
+                lane.pool.generation,
+                tuple((cls.key, bucket(len(m))) for cls, m in groups),
+            )
+            plan, host, staging = self._decode_plan(sig, item_groups)
+            fill_inputs(plan, item_groups, host)
+            staging.copy_(torch.from_numpy(host))
+            plan.inputs.copy_(staging, non_blocking=True)
+            if self.cuda_graphs and ops._pow2(
+                lane.pool.head_dim
+            ):  # the torch attention sizes itself on the host
+                entry = self.graphs.get(sig) or self.graphs.capture(
+                    sig, plan, lambda: run_plan(plan, lane)
+                )
+                entry.graph.replay()
+                entry.replays += 1
+                logits, greedy = entry.outputs
+            else:
+                logits, greedy = run_plan(plan, lane)
+        else:
+            plan = build_plan(item_groups, padded=False, device=self.device)
+            plan.inputs.copy_(torch.from_numpy(fill_inputs(plan, item_groups)))
+            logits, greedy = run_plan(plan, lane)
+        rows, params, gens = [], [], []
+        k = 0
+        for _cls, members in groups:
+            for seq, _n in members:
+                if plan.item_sample[k] >= 0:
+                    rows.append(plan.item_sample[k])
+                    params.append(seq.req.sampling)
+                    gens.append(seq.generator)
+                k += 1
+        toks, lps = sample(logits, greedy, rows, params, gens)
+        return groups, toks, lps
+
+    def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:
+        """A new token; then the stop checks: EOS, stop ids, stop strings, length, context."""
+        seq.tokens.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        self.tokens_generated += 1
+        p, m = seq.req.sampling, seq.model
+        if not p.ignore_eos and tok in m.eos:
+            seq.reason = "eos"
+        elif tok in p.stop_token_ids:
+            seq.reason = "stop"
+        elif p.stop:
+            text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            hits = [text.index(s) for s in p.stop if s in text]
+            if hits:
+                seq.reason, seq.text = "stop", text[: min(hits)]
+        if seq.reason is None and (
+            len(seq.generated) >= p.max_new_tokens or len(seq.tokens) >= m.context
+        ):
+            seq.reason = "length"
+        if seq.reason is not None:
+            seq.finished = True
+            self.scheduler.finish(seq)
+            self._live.pop(seq.req.request_id, None)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.finished and seq.text is None and seq.model.tokenizer is not None:
+            seq.text = seq.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return RequestOutput(
-            s.req.request_id, s.req.model, tuple(s.generated), s.finished, s.reason, s.text if s.finished else None,
-            tuple(s.logprobs) if s.req.sampling.logprobs else None, blocks,
+            seq.req.request_id,
+            seq.req.model,
+            tuple(seq.generated),
+            seq.finished,
+            seq.reason,
+            seq.text if seq.finished else None,
+            tuple(seq.logprobs) if seq.req.sampling.logprobs else None,
+            seq.model.path,
         )
 
-    def _forward(self, batch: list[_Seq]) -> torch.Tensor:
-        """One flattened forward: the new tokens of every request, block by block. -> (B, V) logits."""
-        dev = self.device
-        spans, ids, pos = [], [], []
-        row = 0
-        for s in batch:
-            new = s.tokens[s.computed:]
-            spans.append((row, row + len(new)))
-            ids.extend(new)
-            pos.extend(range(s.computed, s.computed + len(new)))
-            row += len(new)
-        ids_t = torch.tensor(ids, device=dev)
-        pos_t = torch.tensor(pos, device=dev)
-        n_pos = len(batch[0].model.chain)
-        self.last_batch = {}
-        x = torch.empty(len(ids), self.blocks[batch[0].model.chain[0]].hidden, device=dev, dtype=self.dtype)
-        for p in range(n_pos):
-            groups: dict[tuple[str, str | None], list[int]] = {}
-            for i, s in enumerate(batch):
-                groups.setdefault((s.model.chain[p], s.model.adapters.get(p)), []).append(i)
-            by_block: dict[str, list[int]] = {}
-            for (fp, _a), members in groups.items():
-                by_block.setdefault(fp, []).extend(members)
-            for fp, members in by_block.items():
-                block = self.blocks[fp]
-                self.last_batch[fp] = len(members)
-                rows = _rows(spans, members, dev)  # None = every row
-                if len(members) == len(batch):
-                    rows = None
-                self.block_tokens[fp] += len(ids) if rows is None else rows.numel()
-                if block.kind == "embed":
-                    idx = ids_t if rows is None else ids_t[rows]
-                    out = F.embedding(idx, block.embed)
-                    _put(x, rows, out)
-                elif block.kind == "layers":
-                    seqs = [batch[i] for i in members]
-                    local = _local_spans(spans, members)
-                    adapter_rows = _adapter_groups(groups, fp, spans, members, self.adapters, dev)
-                    h = x if rows is None else x[rows]
-                    h = self._layers(block, p, h, pos_t if rows is None else pos_t[rows], seqs, local, adapter_rows)
-                    _put(x, rows, h)
-        # Head: the last row of each request only.
-        last = torch.tensor([e - 1 for _, e in spans], device=dev)
-        xl = x[last]
-        vocab = batch[0].model.vocab
-        logits = torch.empty(len(batch), vocab, device=dev, dtype=torch.float32)
-        by_head: dict[tuple[str, str], list[int]] = {}
-        for i, s in enumerate(batch):
-            by_head.setdefault((s.model.chain[-1], s.model.chain[0]), []).append(i)
-        for (fp, embed_fp), members in by_head.items():
-            head = self.blocks[fp]
-            idx = torch.tensor(members, device=dev)
-            h = rms_norm(xl[idx], head.norm, head.eps)
-            w = self.blocks[embed_fp].embed if head.tied else head.lm_head
-            logits[idx] = (h @ w.T).float()
-        return logits
-
-    def _layers(self, block: EngineBlock, p: int, x: torch.Tensor, pos: torch.Tensor, seqs: list[_Seq], spans: list[tuple[int, int]], adapter_rows: list[tuple[AdapterWeights, torch.Tensor]]) -> torch.Tensor:
-        """A run of decoder layers over rows x (N, H) of `seqs`, whose rows are `spans` of x."""
-        nh, nkv, hd = block.n_heads, block.n_kv, block.head_dim
-        rotary = seqs[0].model.rotary
-        cos, sin = rotary.cos_sin(pos, x.dtype)  # (N, D)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        pool = self.pools[seqs[0].model.pool_key]
-        for j, L in enumerate(block.layers):
-            h = rms_norm(x, L.input_norm, block.eps)
-            qkv = h @ L.qkv.T  # (N, (nh + 2nkv) * hd)
-            if L.qkv_bias is not None:
-                qkv = qkv + L.qkv_bias
-            q_end, k_end = nh * hd, (nh + nkv) * hd
-            for a, rows in adapter_rows:
-                lo = a.layers.get(j, {})
-                for name, (s0, s1) in (("q", (0, q_end)), ("k", (q_end, k_end)), ("v", (k_end, qkv.shape[1]))):
-                    if name in lo:
-                        qkv[rows, s0:s1] += _delta(h[rows], lo[name])
-            q = qkv[:, :q_end].view(-1, nh, hd)
-            k = qkv[:, q_end:k_end].view(-1, nkv, hd)
-            v = qkv[:, k_end:].view(-1, nkv, hd)
-            if L.q_norm is not None:
-                q, k = rms_norm(q, L.q_norm, block.eps), rms_norm(k, L.k_norm, block.eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            attn = self._attention(pool, (p, j), q, k, v, seqs, spans)  # (N, nh * hd)
-            o = attn @ L.o.T
-            for a, rows in adapter_rows:
-                lo = a.layers.get(j, {}).get("o")
-                if lo is not None:
-                    o[rows] += _delta(attn[rows], lo)
-            x = x + o
-            h = rms_norm(x, L.post_norm, block.eps)
-            gu = h @ L.gate_up.T
-            inter = gu.shape[1] // 2
-            for a, rows in adapter_rows:
-                lo = a.layers.get(j, {})
-                if "gate" in lo:
-                    gu[rows, :inter] += _delta(h[rows], lo["gate"])
-                if "up" in lo:
-                    gu[rows, inter:] += _delta(h[rows], lo["up"])
-            m = block.act(gu[:, :inter]) * gu[:, inter:]
-            d = m @ L.down.T
-            for a, rows in adapter_rows:
-                lo = a.layers.get(j, {}).get("down")
-                if lo is not None:
-                    d[rows] += _delta(m[rows], lo)
-            x = x + d
-        return x
-
-    def _attention(self, pool: PagePool, slot: tuple[int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[_Seq], spans: list[tuple[int, int]]) -> torch.Tensor:
-        """Write the new K/V into each request's pages, then attend over its whole cached context."""
-        nh, hd, nkv = q.shape[1], q.shape[2], k.shape[1]
-        rep = nh // nkv
-        out = torch.empty(q.shape[0], nh * hd, device=q.device, dtype=q.dtype)
-        decode = []
-        for s, (a, b) in zip(seqs, spans):
-            pages = s.pages[slot]
-            idx = pool.slots(pages, s.computed, s.computed + (b - a), q.device)
-            pool.k[idx] = k[a:b]
-            pool.v[idx] = v[a:b]
-            if b - a == 1 and s.computed > 0:
-                decode.append((s, a))
-                continue
-            ctx = pool.slots(pages, 0, s.computed + (b - a), q.device)
-            kk = _repeat(pool.k[ctx], rep).transpose(0, 1)[None]  # (1, nh, T, hd)
-            vv = _repeat(pool.v[ctx], rep).transpose(0, 1)[None]
-            qq = q[a:b].transpose(0, 1)[None]  # (1, nh, t, hd)
-            if s.computed == 0:
-                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
-            else:  # chunk after a cached prefix
-                t, T = b - a, s.computed + b - a
-                mask = torch.ones(t, T, dtype=torch.bool, device=q.device).tril(T - t)
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-            out[a:b] = o[0].transpose(0, 1).reshape(b - a, nh * hd)
-        if decode:
-            lens = [s.computed + 1 for s, _ in decode]
-            T = max(lens)
-            idx = torch.stack([F.pad(pool.slots(s.pages[slot], 0, n, q.device), (0, T - n)) for (s, _), n in zip(decode, lens)])  # (B, T)
-            kk = _repeat(pool.k[idx.flatten()], rep).view(len(decode), T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-            vv = _repeat(pool.v[idx.flatten()], rep).view(len(decode), T, nh, hd).transpose(1, 2)
-            rows = torch.tensor([a for _, a in decode], device=q.device)
-            qq = q[rows][:, :, None, :]  # (B, nh, 1, hd)
-            if all(n == T for n in lens):
-                o = F.scaled_dot_product_attention(qq, kk, vv)
-            else:
-                mask = (torch.arange(T, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None])[:, None, None, :]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-            out[rows] = o[:, :, 0, :].reshape(len(decode), nh * hd)
-        return out
-
-
-def _repeat(t: torch.Tensor, rep: int) -> torch.Tensor:
-    """(T, nkv, hd) -> (T, nkv * rep, hd), as transformers' repeat_kv lays the heads out."""
-    if rep == 1:
-        return t
-    T, nkv, hd = t.shape
-    return t[:, :, None, :].expand(T, nkv, rep, hd).reshape(T, nkv * rep, hd)
-
-
-def _delta(x: torch.Tensor, lora: LoRA) -> torch.Tensor:
-    return (x @ lora.a.T) @ lora.b.T * lora.scale
-
-
-def _rows(spans: list[tuple[int, int]], members: list[int], device: torch.device) -> torch.Tensor:
-    return torch.cat([torch.arange(*spans[i]) for i in members]).to(device)
-
-
-def _local_spans(spans: list[tuple[int, int]], members: list[int]) -> list[tuple[int, int]]:
-    out, row = [], 0
-    for i in members:
-        n = spans[i][1] - spans[i][0]
-        out.append((row, row + n))
-        row += n
-    return out
-
-
-def _adapter_groups(groups: dict, fp: str, spans: list[tuple[int, int]], members: list[int], adapters: dict[str, AdapterWeights], device: torch.device) -> list[tuple[AdapterWeights, torch.Tensor]]:
-    """For a block's rows: (adapter, local row indices) per adapter present (segmented LoRA)."""
-    pos_in_group = {i: k for k, i in enumerate(members)}
-    local = _local_spans(spans, members)
-    out = []
-    for (gfp, afp), idx in groups.items():
-        if gfp != fp or afp is None:
-            continue
-        rows = torch.cat([torch.arange(*local[pos_in_group[i]]) for i in idx]).to(device)
-        out.append((adapters[afp], rows))
-    return out
-
-
-def _put(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> None:
-    if rows is None:
-        x.copy_(value)
-    else:
-        x[rows] = value
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> EngineStats:
+        sizes: dict[str, int] = {}
+        for key, inst in self.instances.items():
+            fp = key.split("@")[0]
+            sizes[fp] = max(sizes.get(fp, 0), inst.nbytes)
+        for fp, ad in self.adapters.items():
+            sizes[fp] = ad.nbytes
+        pools = list(self.pools.values())
+        return EngineStats(
+            weight_bytes=sum(sizes.values()),
+            blocks_loaded=len(self.instances),
+            adapters_loaded=len(self.adapters),
+            models_loaded=len(self.models),
+            kv_pages_used=sum(p.used_pages for p in pools),
+            kv_pages_total=sum(p.num_pages - 1 for p in pools),
+            kv_page_bytes=pools[0].page_bytes if pools else 0,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            steps=self.steps,
+            tokens_generated=self.tokens_generated,
+            preemptions=self.scheduler.preemptions,
+            graphs_captured=self.graphs.captures,
+            last_batch=dict(self.last_batch),
+            block_tokens=dict(self.block_tokens),
+            blocks=[
+                {
+                    "fingerprint": fp,
+                    "bytes": n,
+                    "batch": self.last_batch.get(fp, 0),
+                    "tokens": self.block_tokens.get(fp, 0),
+                    "limit": self._limit(fp),
+                }
+                for fp, n in sizes.items()
+            ],
+        )

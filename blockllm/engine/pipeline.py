@@ -1,0 +1,149 @@
+"""Pipelined decode: greedy decode steps on CUDA graphs launched one step ahead of the host.
+
+Step N+1 is launched from step N's tokens while they are still on the device (ids <- greedy
+picks, positions += 1); the host then reads step N's tokens and does its bookkeeping while the
+GPU computes N+1. The chain breaks (and the engine schedules normally) as soon as a request would
+end, a new one waits, or pages run short; a token computed for a request that ended meanwhile is
+dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..types import RequestOutput
+from . import ops
+from .forward import Lane, run_plan
+from .plan import Item, Plan, bucket, build_plan, fill_inputs
+from .scheduler import Sequence
+
+
+class _HostEvent:
+    """torch.cuda.Event's two methods for CPU runs (nothing is asynchronous there)."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+@dataclass(eq=False)
+class _Inflight:
+    """A launched decode graph whose tokens are still on their way to the host (pipelining)."""
+
+    lane: Lane
+    plan: Plan
+    entry: Any  # graphs.Captured
+    rows: list[tuple[Sequence, int]]  # each request and its row
+    advance: torch.Tensor  # (n_rows,) 1 on real rows, 0 on padding: positions of the next step
+    host: torch.Tensor  # pinned (n_rows,) the greedy tokens land in
+    event: torch.cuda.Event | _HostEvent
+    generation: int
+
+
+class PipelinedDecode:
+    """Engine methods for the pipelined decode path (the Engine owns the state they use)."""
+
+    def _pipelined(self, work: list[tuple[Sequence, int]]) -> bool:
+        """Greedy decode steps on CUDA graphs run one step ahead of the host's bookkeeping."""
+        if not self.cuda_graphs or any(n != 1 for _, n in work):
+            return False
+        seq = work[0][0]
+        if not ops._pow2(seq.model.lane.pool.head_dim):
+            return False
+        return all(s.req.sampling.greedy and not s.req.sampling.logprobs for s, _ in work)
+
+    def _launch(self, lane: Lane, groups: list) -> _Inflight:
+        """Replay (or capture) the decode graph of this composition; tokens copy back asynchronously."""
+        lane.pool.sync()
+        item_groups = [
+            (cls, [Item(seq.tokens[-1:], seq.computed, seq.slot, True) for seq, _ in members])
+            for cls, members in groups
+        ]
+        sig = (
+            lane.key,
+            lane.pool.generation,
+            tuple((cls.key, bucket(len(m))) for cls, m in groups),
+        )
+        plan, host, staging = self._decode_plan(sig, item_groups)
+        fill_inputs(plan, item_groups, host)
+        staging.copy_(torch.from_numpy(host))
+        plan.inputs.copy_(staging, non_blocking=True)
+        entry = self.graphs.get(sig) or self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
+        advance = np.zeros(plan.n_rows, dtype=np.int64)
+        advance[plan.item_rows] = 1
+        seqs = [seq for _, members in groups for seq, _ in members]
+        return self._replay(lane, plan, entry, list(zip(seqs, plan.item_rows, strict=True)),
+                            _pinned(torch.from_numpy(advance)).to(self.device, non_blocking=True))  # fmt: skip
+
+    def _replay(
+        self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor
+    ) -> _Inflight:
+        entry.graph.replay()
+        entry.replays += 1
+        host = _pinned(torch.empty(plan.n_rows, dtype=torch.int64))
+        host.copy_(entry.outputs[1], non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else _HostEvent()
+        event.record()
+        return _Inflight(lane, plan, entry, rows, advance, host, event, lane.pool.generation)
+
+    def _chainable(self, prev: _Inflight) -> bool:
+        """The next step is the same batch one token on: nobody waits, ends, or lacks a page."""
+        if self.scheduler.waiting:
+            return False
+        for seq, _ in prev.rows:
+            p = seq.req.sampling
+            if (
+                seq.finished
+                or not seq.slot
+                or len(seq.generated) + 1 >= p.max_new_tokens
+                or len(seq.tokens) + 1 >= seq.model.context
+            ):
+                return False
+        pool = prev.lane.pool
+        if any(not pool.ensure(seq.slot, seq.computed + 2) for seq, _ in prev.rows):
+            return False
+        return pool.generation == prev.generation
+
+    def _chain(self, prev: _Inflight) -> _Inflight:
+        """Launch step N+1 from step N's tokens on the device, before the host has seen them."""
+        plan = prev.plan
+        plan.inputs[0].copy_(prev.entry.outputs[1])  # each row's next token is its own greedy pick
+        plan.inputs[1].add_(prev.advance)
+        plan.max_ctx += 1  # (only the torch reference attention reads it)
+        prev.lane.pool.sync()
+        self._count([(seq, 1) for seq, _ in prev.rows])
+        self.steps += 1
+        return self._replay(prev.lane, plan, prev.entry, prev.rows, prev.advance)
+
+    def _collect(self, prev: _Inflight) -> list[RequestOutput]:
+        prev.event.synchronize()
+        toks = prev.host.tolist()
+        outputs = []
+        for seq, row in prev.rows:
+            if seq.finished:  # ended (or was aborted) while this step was in flight: discard
+                continue
+            seq.computed += 1
+            self._append(seq, toks[row], None)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _decode_plan(
+        self, sig: tuple, item_groups: list
+    ) -> tuple[Plan, np.ndarray, torch.Tensor | None]:
+        cached = self._plans.get(sig)
+        if cached is None:
+            plan = build_plan(item_groups, padded=True, device=self.device)
+            host = np.zeros((3, plan.n_rows), dtype=np.int64)
+            staging = _pinned(torch.from_numpy(host.copy()))
+            cached = self._plans[sig] = (plan, host, staging)
+        return cached
