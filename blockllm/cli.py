@@ -17,6 +17,7 @@ from rich.table import Table
 from zoo_store import Zoo, ZooError
 
 from .exceptions import BlockLLMError
+from .metrics import human_bytes
 
 app = typer.Typer(
     name="blockllm",
@@ -32,12 +33,7 @@ err_console = Console(stderr=True)
 ZooOpt = Annotated[str | None, typer.Option("--zoo", help="Zoo URL (file://, memory://, s3://); default from config / $BLOCKLLM_ZOO.", envvar="BLOCKLLM_ZOO")]
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+human = human_bytes  # the one formatter for sizes, shared with the dashboard
 
 
 @contextmanager

@@ -427,3 +427,12 @@ def _merge_families(groups: Iterable[Iterable[Any]]) -> Iterator[Any]:
                     old = have.samples[i]
                     have.samples[i] = old._replace(value=old.value + s.value)
     yield from merged.values()
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the CLI and the dashboard print sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

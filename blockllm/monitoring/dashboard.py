@@ -31,6 +31,8 @@ from bokeh.plotting import figure
 from jinja2 import ChoiceLoader, DictLoader, Environment, FileSystemLoader
 from tornado.ioloop import IOLoop
 
+from ..metrics import human_bytes
+
 log = logging.getLogger(__name__)
 
 ROUTE = "/blockllm"
@@ -99,14 +101,6 @@ def _env() -> Environment:
 
     templates = os.path.join(os.path.dirname(distributed.__file__), "http", "templates")
     return Environment(loader=ChoiceLoader([DictLoader({"blockllm.html": TEMPLATE}), FileSystemLoader(templates)]))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _shown(value: float | None, how: str) -> str:
