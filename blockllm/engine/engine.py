@@ -113,7 +113,9 @@ class Engine(ModelLoading, PipelinedDecode):
         tune = _config.get("engine.tune-kernels", False) if tune_kernels is None else tune_kernels
         self.tune_kernels = bool(tune) and self.device.type == "cuda"
         # fold RMSNorm weights into the following GEMMs where the fused kernels apply the row scale
-        self.fold_norms = self.device.type == "cuda" and ops._triton_ops() is not None
+        # Folding RMSNorm weights into the next GEMM saves two kernels a layer but rounds
+        # differently from transformers in bf16; `engine.fold-norms` turns it off.
+        self.fold_norms = bool(_config.get("engine.fold-norms", True)) and self.device.type == "cuda" and ops._triton_ops() is not None
         self.instances: dict[str, EmbedBlock | LayerBlock | HeadBlock] = {}
         self.adapters: dict[str, LoraAdapter] = {}
         self._refs: Counter[str] = Counter()
