@@ -129,6 +129,21 @@ class Zoo:
                 continue
         raise RuntimeError(f"could not open or create zarr group {path}")
 
+    def _write_array(self, path: str, arr: np.ndarray, chunks: tuple[int, ...], attrs: dict[str, Any], fp: Fingerprint) -> None:
+        """Write one content-addressed array; safe when writers of the same content race."""
+        try:
+            z = zarr.create_array(
+                self._store, name=path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                compressors=None, fill_value=0, attributes=attrs,
+            )
+        except zarr.errors.ContainsArrayError:
+            # Another writer of the same content got there first (or crashed midway): never
+            # delete what it wrote (zarr's overwrite=True would), just write the same bytes again.
+            z = zarr.open_array(self._store, path=path, mode="r+")
+            if z.shape != arr.shape or z.dtype != arr.dtype:
+                raise ZooCorruptionError(fp, f"leftover array {path} has the wrong shape or dtype; run `blockllm zoo gc`") from None
+        z[...] = arr
+
     def _children(self, path: str) -> list[str]:
         g = self._group(path)
         return sorted(g.group_keys()) if g is not None else []
@@ -175,24 +190,7 @@ class Zoo:
             rows = arr.shape[0] if arr.ndim else 1
             row_bytes = max(1, arr.nbytes // max(rows, 1))
             chunk0 = max(1, min(rows, chunk_bytes // row_bytes))
-            try:
-                z = zarr.create_array(
-                    self._store,
-                    name=f"{path}/{ts.name}",
-                    shape=arr.shape,
-                    dtype=arr.dtype,
-                    chunks=(chunk0, *arr.shape[1:]) if arr.ndim else (),
-                    compressors=None,
-                    fill_value=0,
-                    attributes={"torch_dtype": ts.dtype},
-                )
-            except zarr.errors.ContainsArrayError:
-                # Another writer of the same content got there first (or crashed midway):
-                # never delete what it wrote, just write the identical bytes again.
-                z = zarr.open_array(self._store, path=f"{path}/{ts.name}", mode="r+")
-                if z.shape != arr.shape or z.dtype != arr.dtype:
-                    raise ZooCorruptionError(fp, f"leftover tensor {ts.name} has the wrong shape or dtype; run `blockllm zoo gc`") from None
-            z[...] = arr
+            self._write_array(f"{path}/{ts.name}", arr, (chunk0, *arr.shape[1:]) if arr.ndim else (), {"torch_dtype": ts.dtype}, fp)
         # Publish last: the spec makes the block visible.
         g.attrs.update({"spec": spec.to_dict(), "fingerprint": fp, "nbytes": spec.nbytes, "created": _now()})
         self._specs[fp] = spec
@@ -249,11 +247,7 @@ class Zoo:
         names = sorted(files)
         for i, name in enumerate(names):
             data = np.frombuffer(files[name], dtype=np.uint8)
-            z = zarr.create_array(
-                self._store, name=f"{path}/f{i}", shape=data.shape, dtype=np.uint8,
-                chunks=(max(1, data.size),), compressors=None, fill_value=0, overwrite=True,
-            )
-            z[...] = data
+            self._write_array(f"{path}/f{i}", data, (max(1, data.size),), {}, fp)
         g.attrs.update({"files": names, "created": _now()})
         return fp
 
@@ -325,7 +319,11 @@ class Zoo:
     # ------------------------------------------------------------------ documents (graphs, fingerprints)
     def put_json(self, path: str, obj: Any) -> None:
         """Write a JSON document as the attrs of one group: a single atomic write."""
-        zarr.create_group(self._store, path=path, attributes={"doc": obj}, overwrite=True)
+        g = self._group(path, mode="r+")
+        if g is not None:  # rewrite zarr.json in one atomic put; never delete first
+            g.attrs.put({"doc": obj})
+        else:
+            self._ensure_group(path, {"doc": obj}).attrs.put({"doc": obj})
 
     def get_json(self, path: str, default: Any = None) -> Any:
         g = self._group(path)
