@@ -26,7 +26,7 @@ from .graphs import GraphCache
 from .kv_cache import KVPool
 from .loading import LoadedModel, ModelLoading
 from .pipeline import PipelinedDecode, _Inflight
-from .plan import Item, ModelClass, Plan, bucket, build_plan, fill_inputs
+from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
@@ -323,15 +323,7 @@ class Engine(ModelLoading, PipelinedDecode):
         ]
         decode = all(n == 1 for _, members in groups for _, n in members)
         if decode:
-            sig = (
-                lane.key,
-                lane.pool.generation,
-                tuple((cls.key, bucket(len(m))) for cls, m in groups),
-            )
-            plan, host, staging = self._decode_plan(sig, item_groups)
-            fill_inputs(plan, item_groups, host)
-            staging.copy_(torch.from_numpy(host))
-            plan.inputs.copy_(staging, non_blocking=True)
+            sig, plan = self._decode_plan(lane, groups, item_groups)
             if self.cuda_graphs and ops._pow2(
                 lane.pool.head_dim
             ):  # the torch attention sizes itself on the host

@@ -69,15 +69,7 @@ class PipelinedDecode:
             (cls, [Item(seq.tokens[-1:], seq.computed, seq.slot, True) for seq, _ in members])
             for cls, members in groups
         ]
-        sig = (
-            lane.key,
-            lane.pool.generation,
-            tuple((cls.key, bucket(len(m))) for cls, m in groups),
-        )
-        plan, host, staging = self._decode_plan(sig, item_groups)
-        fill_inputs(plan, item_groups, host)
-        staging.copy_(torch.from_numpy(host))
-        plan.inputs.copy_(staging, non_blocking=True)
+        sig, plan = self._decode_plan(lane, groups, item_groups)
         entry = self.graphs.get(sig) or self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
         advance = np.zeros(plan.n_rows, dtype=np.int64)
         advance[plan.item_rows] = 1
@@ -137,13 +129,21 @@ class PipelinedDecode:
             outputs.append(self._output(seq))
         return outputs
 
-    def _decode_plan(
-        self, sig: tuple, item_groups: list
-    ) -> tuple[Plan, np.ndarray, torch.Tensor | None]:
+    def _decode_plan(self, lane: Lane, groups: list, item_groups: list) -> tuple[tuple, Plan]:
+        """The cached padded plan of this decode composition, its inputs filled and on the device."""
+        sig = (
+            lane.key,
+            lane.pool.generation,
+            tuple((cls.key, bucket(len(m))) for cls, m in groups),
+        )
         cached = self._plans.get(sig)
         if cached is None:
             plan = build_plan(item_groups, padded=True, device=self.device)
             host = np.zeros((3, plan.n_rows), dtype=np.int64)
             staging = _pinned(torch.from_numpy(host.copy()))
             cached = self._plans[sig] = (plan, host, staging)
-        return cached
+        plan, host, staging = cached
+        fill_inputs(plan, item_groups, host)
+        staging.copy_(torch.from_numpy(host))
+        plan.inputs.copy_(staging, non_blocking=True)
+        return sig, plan
