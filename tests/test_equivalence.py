@@ -238,7 +238,12 @@ def test_job_on_a_local_cluster_places_tasks_where_the_blocks_are(tiny_run, tmp_
     zoo = _copy(tiny_run[0], tmp_path)
     inline = {(e.substitute, e.original): e.score for e in load_graph(zoo).equiv_edges()}
     seen = []
+    import dask.config
+
     with (
+        # Locality hints are loose (allow_other_workers): with work stealing on, an idle worker may
+        # steal a task under CI load. The hints themselves are what this test checks.
+        dask.config.set({"distributed.scheduler.work-stealing": False}),
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
         ) as cluster,
