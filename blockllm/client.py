@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -24,6 +25,8 @@ from zoo_store import Zoo
 
 from . import config as _config
 from .exceptions import BlockLLMError, NoCapacityError, OverloadedError
+from .serving.admission import parse_priority
+from .serving.handoff import place_segments
 from .serving.host import PLUGIN_NAME, BlockHostPlugin, get_host
 from .serving.placement import PlacementPlan, WorkerInfo, plan_placement
 from .serving.wire import error_from_wire
@@ -58,7 +61,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    priority: int = 0
+    priority: str = "online"  # "online" or "batch" (batch fills the capacity online work leaves)
 
     def to_wire(self, api_key: str | None) -> dict[str, Any]:
         import dataclasses
@@ -67,6 +70,7 @@ class GenerationRequest:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, not {type(self.sampling).__name__}")
+        parse_priority(self.priority)
         return {
             "request_id": self.request_id, "model": self.model, "prompt": self.prompt,
             "messages": self.messages, "prompt_token_ids": self.prompt_token_ids,
@@ -117,6 +121,7 @@ class Client:
         self.plan: PlacementPlan | None = None
         self._inflight: Counter[str] = Counter()
         self._rr = itertools.count()
+        self._replace_lock = threading.Lock()
 
     # ------------------------------------------------------------------ cluster
     @property
@@ -140,8 +145,14 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------------ placement
-    def place(self, models: Sequence[str] | None = None, traffic: dict[str, float] | None = None) -> PlacementPlan:
-        """Plan where models live and load them there, as Dask tasks pinned to workers."""
+    def place(
+        self, models: Sequence[str] | None = None, traffic: dict[str, float] | None = None, *, split: dict[str, int] | None = None
+    ) -> PlacementPlan:
+        """Plan where models live and load them there, as Dask tasks pinned to workers.
+
+        A model no worker can hold whole is split over two workers; `split` (model -> layer) asks
+        for that split explicitly (see serving/placement.py and serving/handoff.py).
+        """
         manifests = {m.key: m for m in self.zoo.list_models()}
         wanted = list(models) if models is not None else sorted(manifests)
         unknown = [m for m in wanted if m not in manifests]
@@ -150,8 +161,17 @@ class Client:
         chosen = {k: manifests[k] for k in wanted}
         sizes = {fp: self.zoo.block_spec(fp).nbytes for m in chosen.values() for fp in m.fingerprints()}
         current = self.loaded()  # the cluster's actual state: other clients may have placed models too
-        plan = plan_placement(chosen, sizes, [WorkerInfo(w, self.capacity_bytes) for w in self.workers], traffic, current)
+        starts = {k: [self.zoo.block_spec(fp).layer_start for fp in m.chain[1:-1]] for k, m in chosen.items()}
+        plan = plan_placement(
+            chosen, sizes, [WorkerInfo(w, self.capacity_bytes) for w in self.workers], traffic, current,
+            split=split, layer_starts=starts,
+        )
         futures = []
+        for worker in plan.assignments:  # every worker: segments it no longer holds are unloaded
+            futures.append(self.dask.submit(
+                place_segments, plan.segments_on(worker), workers=[worker], allow_other_workers=False,
+                pure=False, key=f"blockllm-place-segments-{uuid.uuid4().hex[:8]}",
+            ))
         for worker, models_here in plan.assignments.items():
             drop = sorted(current.get(worker, set()) - set(models_here))
             futures.append(self.dask.submit(
@@ -207,31 +227,89 @@ class Client:
             self.dask.loop.add_callback(self._drive, worker, [wires[i] for i in idx], [futures[i] for i in idx])
         return futures
 
-    async def _drive(self, worker: str, wires: list[dict], futures: list[Future]) -> None:
+    async def _drive(self, worker: str, wires: list[dict], futures: list[Future], received: list[list[int]] | None = None) -> None:
+        """Submit to one worker and poll until every request is done; on the loss of the worker
+        (distributed says it left), resubmit what is unfinished elsewhere with the tokens so far."""
+        received = received if received is not None else [[] for _ in wires]
+        pending: dict[str, tuple[dict, Future, list[int]]] = {}
         try:
-            errors = await self.dask.rpc(worker).blockllm_submit(requests=wires)
-            pending = {}
-            for w, f, err in zip(wires, futures, errors):
-                if err is not None:
-                    f.set_exception(error_from_wire(err))
-                else:
-                    pending[w["request_id"]] = (w, f)
-            while pending:
-                states = await self.dask.rpc(worker).blockllm_poll(ids=list(pending), timeout=5.0, until_finished=True)
-                for rid, st in states.items():
-                    if not st.get("finished"):
-                        continue
-                    w, f = pending.pop(rid)
-                    if st.get("error"):
-                        f.set_exception(error_from_wire(st["error"]))
+            try:
+                sent = [dict(w, resume_token_ids=list(toks)) if toks else w for w, toks in zip(wires, received)]
+                errors = await self.dask.rpc(worker).blockllm_submit(requests=sent)
+                for w, f, toks, err in zip(wires, futures, received, errors):
+                    if err is not None:
+                        f.set_exception(error_from_wire(err))
                     else:
-                        f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(st["token_ids"]), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency"), tuple(st.get("substitutions", ()))))
-        except Exception as e:  # worker lost or comm broken: fail what is left, typed
+                        pending[w["request_id"]] = (w, f, toks)
+                while pending:
+                    ids = list(pending)
+                    states = await self.dask.rpc(worker).blockllm_poll(
+                        ids=ids, offsets=[len(pending[r][2]) for r in ids], timeout=5.0, until_finished=True
+                    )
+                    for rid, st in states.items():
+                        w, f, toks = pending[rid]
+                        if st.get("offset", len(toks)) == len(toks):  # tokens so far: what a failover resumes from
+                            toks.extend(st.get("token_ids") or ())
+                        if not st.get("finished"):
+                            continue
+                        del pending[rid]
+                        if st.get("error"):
+                            f.set_exception(error_from_wire(st["error"]))
+                        else:
+                            f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(toks), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency"), tuple(st.get("substitutions", ()))))
+            except OSError as e:  # distributed's CommClosedError and connect failures are OSErrors
+                left = [(w, f, toks) for w, f, toks in zip(wires, futures, received) if not f.done()]
+                if not left or not await self._worker_left(worker):
+                    raise
+                log.warning("worker %s was lost with %d requests in flight (%r); resubmitting them elsewhere", worker, len(left), e)
+                await self._failover(worker, left)
+        except Exception as e:  # worker lost for good or comm broken: fail what is left, typed
             for f in futures:
                 if not f.done():
                     f.set_exception(e if isinstance(e, BlockLLMError) else BlockLLMError(f"worker {worker} failed: {e!r}"))
         finally:
             self._inflight[worker] -= len(futures)
+
+    async def _worker_left(self, worker: str, timeout: float = 30.0) -> bool:
+        """Whether the scheduler has removed `worker` (its own failure detection), waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await self.dask.scheduler.identity(n_workers=-1)
+            if worker not in info.get("workers", {}):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _failover(self, lost: str, left: list[tuple[dict, Future, list[int]]]) -> None:
+        """Re-place the models of `left` on surviving workers and drive each request from its tokens so far."""
+        loop = asyncio.get_running_loop()
+        routes = {}
+        for model in sorted({w["model"] for w, _, _ in left}):
+            routes[model] = await loop.run_in_executor(None, self._reroute, model, lost)
+        groups: dict[str, list[tuple[dict, Future, list[int]]]] = {}
+        for item in left:
+            groups.setdefault(routes[item[0]["model"]], []).append(item)
+        for worker, items in groups.items():
+            self._inflight[worker] += len(items)
+        await asyncio.gather(*(
+            self._drive(worker, [w for w, _, _ in items], [f for _, f, _ in items], [toks for _, _, toks in items])
+            for worker, items in groups.items()
+        ))
+
+    def _reroute(self, model: str, lost: str) -> str:
+        """A surviving worker for `model` (on a thread: placement blocks); re-places once per lost worker."""
+        with self._replace_lock:
+            if self.plan is not None and any(lost == w for w in self.plan.assignments):
+                models = sorted({m for ms in self.plan.assignments.values() for m in ms})
+                for attempt in range(3):  # a worker that has just joined may not answer yet
+                    try:
+                        self.place(models)
+                        break
+                    except OSError:
+                        if attempt == 2:
+                            raise
+                        time.sleep(1.0)
+            return self._route(model)
 
     def generate(
         self,

@@ -36,6 +36,7 @@ class SeaweedS3:
     endpoint: str
     process: subprocess.Popen
     data_dir: Path
+    cmd: tuple[str, ...] = ()
 
     @property
     def storage_options(self) -> dict:
@@ -62,6 +63,14 @@ class SeaweedS3:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
 
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the stopped server again: same ports, same data (for fault-injection tests)."""
+        if self.process.poll() is None:
+            raise RuntimeError("SeaweedFS is still running; stop() it first")
+        with open(self.data_dir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(list(self.cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_until_up(self, timeout)
+
 
 def _weed_binary() -> str:
     weed = shutil.which("weed")
@@ -78,10 +87,18 @@ def start_seaweed(data_dir: Path, timeout: float = 60.0) -> SeaweedS3:
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
         "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        # The Iceberg and Lance listeners default to fixed ports: off, so servers can run side by side.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]
     with open(data_dir / "weed.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", proc, data_dir)
+    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", proc, data_dir, tuple(cmd))
+    _wait_until_up(server, timeout)
+    return server
+
+
+def _wait_until_up(server: SeaweedS3, timeout: float) -> None:
+    proc, data_dir = server.process, server.data_dir
     deadline = time.monotonic() + timeout
     fs = server.filesystem()
     last: Exception | None = None
@@ -91,7 +108,7 @@ def start_seaweed(data_dir: Path, timeout: float = 60.0) -> SeaweedS3:
         try:
             fs.invalidate_cache()
             fs.ls("")
-            return server
+            return
         except Exception as e:  # not up yet
             last = e
             time.sleep(0.5)

@@ -164,6 +164,20 @@ class Engine(ModelLoading, PipelinedDecode):
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Request) -> None:
         """Validate and queue a request; a bad one raises a typed error and disturbs nothing."""
+        m = self.check_request(req)
+        seq = Sequence(
+            req,
+            m,
+            [int(t) for t in req.prompt_token_ids],
+            len(req.prompt_token_ids),
+            make_generator(req.sampling),
+            next(self._arrivals),
+        )
+        self._live[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(self, req: Request) -> LoadedModel:
+        """The typed error `add_request` would raise for `req`, without queueing it (admission)."""
         if not isinstance(req, Request):
             raise InvalidRequestError(f"expected a Request, not {type(req).__name__}")
         if not isinstance(req.sampling, SamplingParams):
@@ -200,16 +214,7 @@ class Engine(ModelLoading, PipelinedDecode):
                 f"request needs {need} KV pages at full length, more than the pool's {pool.num_pages - 1}; "
                 "shorten it, lower max_new_tokens, or raise engine.kv-pages"
             )
-        seq = Sequence(
-            req,
-            m,
-            [int(t) for t in ids],
-            len(ids),
-            make_generator(req.sampling),
-            next(self._arrivals),
-        )
-        self._live[req.request_id] = seq
-        self.scheduler.add(seq)
+        return m
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its final output (finish_reason "abort") comes with the next step."""

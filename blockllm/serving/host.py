@@ -23,10 +23,12 @@ from distributed import WorkerPlugin
 
 from zoo_store import Zoo, ZooError
 
+from .. import config as _config
 from ..auth import KeyRing, check_access
 from ..exceptions import BlockLLMError, OverloadedError
-from ..types import Request, SamplingParams
-from .wire import error_to_wire
+from ..types import Request
+from .admission import ENGINE_PRIORITY, Admission, Ticket
+from .wire import WireRequest, error_to_wire, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class _Tracked:
     substitutions: list[dict] = field(default_factory=list)
     first_token: float | None = None
     done_at: float | None = None
+    prefix: tuple[int, ...] = ()  # tokens generated before a failover (resume_token_ids), counted as output
+    stop: tuple[str, ...] = ()
 
     def view(self, start: int = 0) -> dict[str, Any]:
         return {
@@ -70,12 +74,16 @@ class _Tracked:
 class BlockHost:
     """Owns an Engine on this worker's device; all engine calls happen on one stepping thread."""
 
-    def __init__(self, zoo_url: str, storage_options: dict | None = None, engine_kwargs: dict | None = None, max_queued: int = 4096) -> None:
+    def __init__(self, zoo_url: str, storage_options: dict | None = None, engine_kwargs: dict | None = None, max_queued: int | None = None) -> None:
         self.zoo = Zoo(zoo_url, storage_options=storage_options, read_only=True)
         self.keys = KeyRing(self.zoo)
         self.engine_kwargs = dict(engine_kwargs or {})
-        self.max_queued = max_queued
+        self.max_queued = int(max_queued or _config.get("serving.max-queued", 4096))
+        # Requests wait in admission; the engine sees at most `engine_waiting` of them ahead of its batch.
+        self.admission = Admission()
+        self.engine_waiting = int(_config.get("serving.engine-waiting", 4))
         self.engine = None  # made on the stepping thread
+        self.split = None  # handoff.SplitHost: chains split across workers (set by the plugin)
         self._inbox: queue.Queue = queue.Queue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
@@ -124,7 +132,7 @@ class BlockHost:
             log.exception("block host could not start its engine")
             raise
         while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
+            busy = self.engine.has_unfinished() or len(self.admission) > 0
             try:
                 item = self._inbox.get(timeout=0 if busy else 0.05)
             except queue.Empty:
@@ -141,6 +149,7 @@ class BlockHost:
                     item = False
             if item is None:
                 break
+            self._hand_out()
             if self.engine.has_unfinished():
                 started = time.perf_counter()
                 try:
@@ -153,6 +162,25 @@ class BlockHost:
                 self.steps += 1
                 self._record(outputs)
 
+    def _hand_out(self) -> None:
+        """Move requests from admission into the engine: a few at a time, fairly; batch ones only
+        into the room that online work leaves in the engine's batch."""
+        sched = self.engine.scheduler
+        room = self.engine_waiting - len(sched.waiting)
+        if room <= 0 or not len(self.admission):
+            return
+        waiting_online = any(s.req.priority >= ENGINE_PRIORITY["online"] for s in sched.waiting)
+        batch_room = 0 if waiting_online else max(0, self.engine.max_batch_size - len(sched.running) - len(sched.waiting))
+        for t in self.admission.take(room, batch_room):
+            try:
+                self.engine.add_request(t.request)
+            except Exception as e:  # e.g. its model was unloaded while it waited: fail it, typed
+                with self._lock:
+                    tr = self._tracked.get(t.request.request_id)
+                    if tr is not None and not tr.finished:
+                        tr.finished, tr.error, tr.finish_reason = True, error_to_wire(e), "error"
+                self._notify()
+
     def _record(self, outputs) -> None:
         now = time.monotonic()
         with self._lock:
@@ -162,9 +190,12 @@ class BlockHost:
                     continue
                 if out.token_ids and t.first_token is None:
                     t.first_token = now
-                t.token_ids = list(out.token_ids)
+                t.token_ids = [*t.prefix, *out.token_ids]
                 if out.finished:
-                    t.finished, t.finish_reason, t.text, t.done_at = True, out.finish_reason, out.text, now
+                    text = out.text
+                    if t.prefix and out.finish_reason != "abort":
+                        text = self._resumed_text(t)
+                    t.finished, t.finish_reason, t.text, t.done_at = True, out.finish_reason, text, now
                     t.blocks = tuple(out.blocks)
                     self.metrics.finished(
                         t.requested or t.model, t.tenant, n_tokens=len(t.token_ids), ttft=(t.first_token - t.submitted) if t.first_token is not None else None,
@@ -174,6 +205,15 @@ class BlockHost:
                         self.transitions[(a, b)] += 1
         if outputs:
             self._notify()
+
+    def _resumed_text(self, t: _Tracked) -> str | None:
+        """The text of a resumed request: all its tokens decoded at once, cut at a stop string."""
+        try:
+            text = self.tokenizer(t.requested or t.model).decode(t.token_ids, skip_special_tokens=True)
+        except Exception:  # no tokenizer in the zoo for it: token ids only
+            return None
+        hits = [text.index(s) for s in t.stop if s in text]
+        return text[: min(hits)] if hits else text
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
@@ -218,53 +258,70 @@ class BlockHost:
             "traffic": dict(self.traffic),
             "transitions": [[a, b, n] for (a, b), n in self.transitions.items()],
             "models": sorted(self.loaded),
+            "admission": self.admission.snapshot(),
+            "split": self.split.stats() if self.split is not None else None,
         }
 
     def submit(self, requests: list[dict]) -> list[dict | None]:
-        """Admit requests; returns per request None (accepted) or a wire error."""
+        """Admit requests; returns per request None (accepted) or a wire error.
+
+        Each request is checked (shape, key, access, the engine's own checks) and queued in
+        admission; the stepping thread hands it to the engine when its tenant's turn comes.
+        """
         results: list[dict | None] = []
         with self._lock:
             queued = sum(not t.finished for t in self._tracked.values())
         for raw in requests:
+            model = str(raw.get("model", "")) if isinstance(raw, dict) else ""
+            tenant = ""
             try:
                 if queued >= self.max_queued:
-                    raise OverloadedError(f"this worker holds {queued} requests already", retry_after=1.0)
-                req, tenant, substitutions = self._prepare(raw)
+                    raise OverloadedError(f"this worker holds {queued} requests already (serving.max-queued)", retry_after=1.0)
+                wire = parse_request(raw)
+                req, tenant, substitutions = self._prepare(wire)
+                split = self.split.driver if self.split is not None and self.split.driver.serves(req.model) else None
+                if split is None:
+                    self._call(lambda e, r=req: e.check_request(r)).result()
                 with self._lock:
                     if req.request_id in self._tracked:
                         raise BlockLLMError(f"request id {req.request_id} is already in use")
                     self._tracked[req.request_id] = _Tracked(
-                        req.model, tenant, time.monotonic(), str(raw.get("model")), len(req.prompt_token_ids), substitutions=substitutions
+                        req.model, tenant, time.monotonic(), wire.model, len(req.prompt_token_ids), substitutions=substitutions,
+                        prefix=wire.resume_token_ids, stop=wire.sampling.stop,
                     )
                 try:
-                    self._call(lambda e, r=req: e.add_request(r)).result()
+                    if split is not None:  # its chain starts with a segment here (handoff.py)
+                        split.add_request(req)
+                    else:
+                        self.admission.offer(Ticket(req, tenant, wire.model, wire.priority))
                 except BaseException:
                     with self._lock:
                         self._tracked.pop(req.request_id, None)
                     raise
-                self.traffic[str(raw.get("model"))] += 1
-                self.metrics.admitted(str(raw.get("model")), tenant, prompt_tokens=len(req.prompt_token_ids))
+                self._inbox.put((lambda e: None, (), Future()))  # wake the stepping thread
+                self.traffic[wire.model] += 1
+                self.metrics.admitted(wire.model, tenant, prompt_tokens=len(req.prompt_token_ids))
                 queued += 1
                 results.append(None)
             except (BlockLLMError, ZooError, ValueError, KeyError, PermissionError) as e:
-                self.metrics.rejected(str(raw.get("model", "")), "", type(e).__name__)
+                self.metrics.rejected(model, tenant, type(e).__name__)
                 results.append(error_to_wire(e))
         return results
 
-    def _prepare(self, raw: dict) -> tuple[Request, str]:
-        tenant = self.keys.tenant(raw.get("api_key"))
-        model = raw.get("model")
-        if not isinstance(model, str) or "/" not in model:
-            raise KeyError(f"model must be 'tenant/name', not {model!r}")
-        owner, _, name = model.partition("/")
-        manifest = self.zoo.get_manifest(owner, name)
+    def _prepare(self, wire: WireRequest) -> tuple[Request, str, list[dict]]:
+        tenant = self.keys.tenant(wire.api_key)
+        manifest = self.zoo.get_manifest(wire.owner, wire.name)
         check_access(manifest, tenant)
-        sampling = SamplingParams(**(raw.get("sampling") or {}))
         serve_as, substitutions = self._plan_chain(manifest, tenant)
-        ids = raw.get("prompt_token_ids")
+        ids = wire.prompt_token_ids
         if ids is None:
-            ids = _tokenize(self.tokenizer(model), raw.get("prompt"), raw.get("messages"))
-        return Request(str(raw["request_id"]), serve_as, tuple(int(i) for i in ids), sampling, int(raw.get("priority", 0))), tenant, substitutions
+            ids = _tokenize(self.tokenizer(wire.model), wire.prompt, list(wire.messages) if wire.messages else None)
+        sampling = wire.sampling
+        if wire.resume_token_ids:  # continue a request another worker began: its tokens so far are prompt now
+            ids = (*ids, *wire.resume_token_ids)
+            sampling = dataclasses.replace(sampling, max_new_tokens=sampling.max_new_tokens - len(wire.resume_token_ids))
+        req = Request(wire.request_id, serve_as, tuple(int(i) for i in ids), sampling, ENGINE_PRIORITY[wire.priority])
+        return req, tenant, substitutions
 
     def _plan_chain(self, manifest, tenant: str) -> tuple[str, list[dict]]:
         """The model key to run: its own chain, or (within its owner's error budget) a substituted one."""
@@ -297,8 +354,11 @@ class BlockHost:
         return None
 
     def abort(self, ids: list[str]) -> None:
+        self.admission.remove(ids)
         for rid in ids:
             self._call(lambda e, r=rid: e.abort(r))
+            if self.split is not None:
+                self.split.driver.abort(rid)
             with self._lock:
                 self._tracked.pop(rid, None)
 
@@ -392,9 +452,15 @@ class BlockHostPlugin(WorkerPlugin):
         worker.handlers.update(
             {"blockllm_submit": submit, "blockllm_poll": poll, "blockllm_abort": abort, "blockllm_stats": stats, "blockllm_authorize": authorize}
         )
+        from .handoff import install
+
+        install(worker, host, self.engine_kwargs)  # split chains: segment engine, hand-off handlers
 
     def teardown(self, worker) -> None:
         host = worker.extensions.pop("blockllm", None)
+        split = worker.extensions.pop("blockllm-split", None)
+        if split is not None:
+            split.stop()
         if host is not None:
             host.stop()
 

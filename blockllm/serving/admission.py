@@ -1,0 +1,205 @@
+"""Admission in front of a block host's engine: bounded queues per tenant and per model, handed
+out fairly across tenants (deficit round-robin), online requests before batch ones.
+
+The engine only ever holds a few waiting requests (`serving.engine-waiting`); everything else
+waits here, so a flood from one tenant cannot fill the engine's queue ahead of a quiet tenant.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .. import config as _config
+from ..exceptions import InvalidRequestError, OverloadedError
+from ..types import Request
+
+PRIORITIES = ("online", "batch")
+# Request.priority in the engine: higher is admitted first and preempted last.
+ENGINE_PRIORITY = {"online": 1, "batch": 0}
+
+
+def parse_priority(value: object) -> str:
+    """'online' (the default, also for None) or 'batch'; anything else is an InvalidRequestError."""
+    if value is None:
+        return "online"
+    if not isinstance(value, str) or value not in PRIORITIES:
+        raise InvalidRequestError(f"priority must be one of {list(PRIORITIES)}, not {value!r}")
+    return value
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request waiting for the engine."""
+
+    request: Request
+    tenant: str
+    model: str  # the model as asked for (the per-model bound counts it)
+    priority: str = "online"
+
+    @property
+    def cost(self) -> int:
+        """What a turn spends on it: the tokens it will put through the engine at most."""
+        return len(self.request.prompt_token_ids) + self.request.sampling.max_new_tokens
+
+
+class _RoundRobin:
+    """Deficit round-robin over tenants (Shreedhar & Varghese): each turn a tenant may hand out
+    `quantum` tokens' worth of requests, so tenants share the engine by tokens, not by arrivals."""
+
+    def __init__(self, quantum: int) -> None:
+        self.quantum = quantum
+        self.queues: dict[str, deque[Ticket]] = {}
+        self.active: deque[str] = deque()  # tenants with queued requests, in turn order
+        self.deficit: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def push(self, t: Ticket) -> None:
+        q = self.queues.get(t.tenant)
+        if q is None:
+            q = self.queues[t.tenant] = deque()
+            self.active.append(t.tenant)
+        q.append(t)
+
+    def pop(self) -> Ticket | None:
+        while self.active:
+            tenant = self.active[0]
+            q = self.queues[tenant]
+            head = q[0]
+            if self.deficit[tenant] >= head.cost:
+                self.deficit[tenant] -= head.cost
+                q.popleft()
+                if not q:  # an idle tenant keeps no credit
+                    self._drop(tenant)
+                elif self.deficit[tenant] < q[0].cost:  # its turn is over; it keeps the rest
+                    self.active.rotate(-1)
+                return head
+            self.deficit[tenant] += max(self.quantum, 1)
+            if self.deficit[tenant] < head.cost:
+                self.active.rotate(-1)
+        return None
+
+    def remove(self, request_id: str) -> Ticket | None:
+        for tenant, q in self.queues.items():
+            for t in q:
+                if t.request.request_id == request_id:
+                    q.remove(t)
+                    if not q:
+                        self._drop(tenant)
+                    return t
+        return None
+
+    def _drop(self, tenant: str) -> None:
+        del self.queues[tenant]
+        self.active.remove(tenant)
+        self.deficit.pop(tenant, None)
+
+
+class Admission:
+    """Bounded, fair queues of one block host. Thread-safe: RPC threads offer, the stepping thread takes."""
+
+    def __init__(
+        self,
+        max_per_tenant: int | None = None,
+        max_per_model: int | None = None,
+        quantum: int | None = None,
+    ) -> None:
+        self.max_per_tenant = int(max_per_tenant or _config.get("serving.max-queued-per-tenant", 256))
+        self.max_per_model = int(max_per_model or _config.get("serving.max-queued-per-model", 1024))
+        quantum = int(quantum or _config.get("serving.fair-quantum", 256))
+        self._classes = {p: _RoundRobin(quantum) for p in PRIORITIES}
+        self._tenants: Counter[str] = Counter()
+        self._models: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._rate = 0.0  # requests handed out per second (moving average), for Retry-After
+        self._last_take = time.monotonic()
+        self.rejected: Counter[str] = Counter()  # per tenant
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(c) for c in self._classes.values())
+
+    def queued(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return self._tenants[tenant] if tenant is not None else sum(self._tenants.values())
+
+    def offer(self, ticket: Ticket) -> None:
+        """Queue a ticket, or raise OverloadedError (with a Retry-After estimate) when a bound is hit."""
+        if ticket.priority not in self._classes:
+            raise InvalidRequestError(f"priority must be one of {list(PRIORITIES)}, not {ticket.priority!r}")
+        with self._lock:
+            if self._tenants[ticket.tenant] >= self.max_per_tenant:
+                self.rejected[ticket.tenant] += 1
+                raise OverloadedError(
+                    f"tenant {ticket.tenant} has {self._tenants[ticket.tenant]} requests waiting on this worker "
+                    f"(limit serving.max-queued-per-tenant = {self.max_per_tenant}); retry later",
+                    retry_after=self._retry_after(self._tenants[ticket.tenant]),
+                )
+            if self._models[ticket.model] >= self.max_per_model:
+                self.rejected[ticket.tenant] += 1
+                raise OverloadedError(
+                    f"model {ticket.model} has {self._models[ticket.model]} requests waiting on this worker "
+                    f"(limit serving.max-queued-per-model = {self.max_per_model}); retry later",
+                    retry_after=self._retry_after(self._models[ticket.model]),
+                )
+            self._classes[ticket.priority].push(ticket)
+            self._tenants[ticket.tenant] += 1
+            self._models[ticket.model] += 1
+
+    def take(self, online: int, batch: int = 0) -> list[Ticket]:
+        """Up to `online` tickets, online ones first in fair order; batch ones only when no online
+        ticket waits, and at most `batch` of them (the capacity online work leaves free)."""
+        out: list[Ticket] = []
+        with self._lock:
+            while len(out) < online and (t := self._classes["online"].pop()) is not None:
+                out.append(t)
+            if not len(self._classes["online"]):  # batch work only fills what online work left free
+                room = min(online, len(out) + max(0, batch - len(out)))
+                while len(out) < room and (t := self._classes["batch"].pop()) is not None:
+                    out.append(t)
+            for t in out:
+                self._forget(t)
+            now = time.monotonic()
+            if out:
+                dt = max(now - self._last_take, 1e-3)
+                self._rate = 0.8 * self._rate + 0.2 * (len(out) / dt)
+                self._last_take = now
+        return out
+
+    def remove(self, request_ids: Iterable[str]) -> list[Ticket]:
+        """Take aborted requests out of the queues; returns those that were queued."""
+        out = []
+        with self._lock:
+            for rid in request_ids:
+                for rr in self._classes.values():
+                    t = rr.remove(rid)
+                    if t is not None:
+                        self._forget(t)
+                        out.append(t)
+                        break
+        return out
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "queued": {p: len(c) for p, c in self._classes.items()},
+                "per_tenant": dict(+self._tenants),
+                "per_model": dict(+self._models),
+                "rejected": dict(self.rejected),
+            }
+
+    def _forget(self, t: Ticket) -> None:
+        self._tenants[t.tenant] -= 1
+        self._models[t.model] -= 1
+
+    def _retry_after(self, ahead: int) -> float:
+        """Seconds until `ahead` queued requests have likely gone to the engine (0.5 s to 60 s)."""
+        if self._rate <= 0:
+            return 1.0
+        return float(min(60.0, max(0.5, math.ceil(10 * ahead / self._rate) / 10)))
