@@ -34,9 +34,9 @@ class ModelClass:
 
     key: tuple
     lane: tuple  # models of one lane share hidden states: (n_kv, head_dim, hidden, vocab)
-    embed: EmbedBlock
+    embed: EmbedBlock | None  # None: a later segment of a split chain (segment.py)
     layers: list[LayerBlock]
-    head: HeadBlock
+    head: HeadBlock | None  # None: an earlier segment of a split chain
     head_key: str  # the head's instance key (a tied head is one per embedding)
     adapters: dict[int, LoraAdapter] = field(
         default_factory=dict
@@ -143,6 +143,8 @@ def build_plan(
     order: dict[str, tuple[int, int]] = {}
     for c, (cls, _) in enumerate(groups):
         for rank, b in [(0, cls.embed), *((1, blk) for blk in cls.layers)]:
+            if b is None:
+                continue
             users.setdefault(b.fingerprint, []).append(c)
             blocks[b.fingerprint] = b
             order[b.fingerprint] = (rank, getattr(b, "layer_start", -1))
@@ -210,7 +212,8 @@ def build_plan(
     heads: list[Stage] = []
     head_users: dict[str, list[int]] = {}
     for c, (cls, _) in enumerate(groups):
-        head_users.setdefault(cls.head_key, []).append(c)
+        if cls.head is not None:
+            head_users.setdefault(cls.head_key, []).append(c)
     for key, cs in head_users.items():
         rows, n = _rows_of([s_ranges[c] for c in cs], device)
         if n:

@@ -1,0 +1,215 @@
+"""Chains split across workers: segments, hand-offs, speculation, placement, against transformers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from reference import greedy, reference_model
+
+from blockllm.demo import members
+from blockllm.engine.segment import SegmentEngine, unpack
+from blockllm.exceptions import InvalidRequestError, PromptTooLongError
+from blockllm.serving.handoff import SplitDriver, guess_next
+from blockllm.serving.placement import WorkerInfo, plan_placement
+from blockllm.types import Request, SamplingParams
+from zoo_store import Manifest
+
+PROMPTS = ["3 + 4 =", "reverse: a b c d e f g ->", "uppercase: c a t ->"]
+N = 12
+SPLIT_AT = 2  # the tiny family has 4 layers, one per block
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_zoo):
+    from blockllm.chain import load_tokenizer
+
+    return load_tokenizer(tiny_zoo, "platform/tiny-base")
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_family, tok):
+    """transformers' greedy continuation of every prompt, per member."""
+    out = {}
+    for m in members(tiny_family):
+        model = reference_model(m, tiny_family)
+        for i, p in enumerate(PROMPTS):
+            out[(m.key, i)] = greedy(model, tok(p)["input_ids"], N, tok.pad_token_id)
+    return out
+
+
+def test_guess_next_looks_up_the_latest_ngram():
+    assert guess_next([5, 6, 7, 1, 5, 6]) == 7  # "5 6" was followed by 7
+    assert guess_next([1, 2, 3, 9, 2, 3, 4, 2, 3]) == 4  # the latest match wins
+    assert guess_next([8]) == 8  # nothing to look up: repeat
+
+
+def _split_pair(zoo, family, **driver_kw):
+    """A first segment [0, SPLIT_AT) driving a last segment [SPLIT_AT, 4) in this process."""
+    first, last = SegmentEngine(zoo, device="cpu"), SegmentEngine(zoo, device="cpu")
+    pool = ThreadPoolExecutor(1)  # the next worker's hand-off handler, one step at a time
+
+    def send(address, items, hidden):
+        assert address == "next-worker"
+        return pool.submit(lambda: {"tokens": last.step_remote(items, unpack(hidden))})
+
+    driver = SplitDriver(first, send, lambda address, ids: last.release(ids), **driver_kw)
+    for m in members(family):
+        first.load(m.key, 0, SPLIT_AT)
+        last.load(m.key, SPLIT_AT)
+        driver.route(m.key, "next-worker")
+    return driver, first, last
+
+
+def _run(driver, requests):
+    for r in requests:
+        driver.add_request(r)
+    done = {}
+    for _ in range(10 * N * len(requests)):
+        if not driver.has_unfinished():
+            break
+        for out in driver.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok, refs, speculate):
+    # a prefill chunk of 4 tokens: long prompts cross the hand-off in several pieces
+    driver, first, last = _split_pair(tiny_zoo, tiny_family, speculate=speculate, prefill_chunk=4)
+    batch = [
+        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N))
+        for m in members(tiny_family)
+        for i, p in enumerate(PROMPTS)
+    ]
+    done = _run(driver, batch)
+    for r in batch:
+        key, i = r.request_id.split("#")
+        assert list(done[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+        assert done[r.request_id].blocks  # the whole chain it passed through, adapters included
+    s = driver.stats()
+    if speculate:
+        assert s["hits"] > 0 and s["misses"] > 0  # both paths taken
+        assert s["guesses"] >= s["hits"] + s["misses"]  # guesses of requests that ended are dropped
+    else:
+        assert s["guesses"] == s["hits"] == s["misses"] == 0
+    # sticky KV, freed on both sides when requests end
+    assert first.stats().kv_pages_used == 0 and last.stats().kv_pages_used == 0
+    assert last.stats().remote_requests == 0
+
+
+def test_speculation_keeps_sampled_tokens_identical(tiny_zoo, tiny_family, tok):
+    outs = []
+    for speculate in (False, True):
+        driver, _, _ = _split_pair(tiny_zoo, tiny_family, speculate=speculate)
+        batch = [
+            Request(f"{m.key}#s", m.key, tuple(tok("the")["input_ids"]), SamplingParams(max_new_tokens=N, temperature=0.9, seed=11))
+            for m in members(tiny_family)
+        ]
+        done = _run(driver, batch)
+        outs.append({k: v.token_ids for k, v in done.items()})
+    assert outs[0] == outs[1]
+
+
+def test_split_driver_rejects_bad_requests_typed(tiny_zoo, tiny_family, tok):
+    driver, first, _ = _split_pair(tiny_zoo, tiny_family)
+    key = members(tiny_family)[0].key
+    with pytest.raises(PromptTooLongError):
+        driver.add_request(Request("long", key, tuple([5] * 600)))
+    with pytest.raises(InvalidRequestError):
+        driver.add_request(Request("bad", key, (10**6,)))
+    with pytest.raises(InvalidRequestError):  # a first segment cannot also be handed rows
+        first.step_remote([{"request_id": "x", "model": key, "start": 0, "n": 1}], None)
+    with pytest.raises(InvalidRequestError):  # segments are [a, b) with a < b
+        SegmentEngine(tiny_zoo, device="cpu").load(key, 3, 3)
+    assert not driver.has_unfinished()
+
+
+def _fp(i: int) -> str:
+    return f"{i:064x}"
+
+
+def test_placement_splits_a_chain_no_worker_can_hold_and_says_why():
+    chain = tuple(_fp(i) for i in range(6))  # embed, 4 layer blocks, head
+    manifests = {"p/big": Manifest("p", "big", "llama", chain, {}), "p/small": Manifest("p", "small", "llama", (_fp(0), _fp(10), _fp(5)), {})}
+    sizes = {**{fp: 100 for fp in chain}, _fp(10): 100}
+    plan = plan_placement(manifests, sizes, [WorkerInfo("w1", 400), WorkerInfo("w2", 400)], {"p/big": 10, "p/small": 1})
+    (a, b) = plan.splits["p/big"]
+    assert a.start == 0 and b.end is None and a.end == b.start and a.worker != b.worker
+    assert plan.workers_for("p/big") == [a.worker]  # requests enter at the first segment
+    assert plan.segments_on(a.worker) == [("p/big", 0, a.end, b.worker)]
+    why = plan.explain(chain[-1], manifests)
+    assert any("fits no single worker" in line for line in why)
+    assert a.end in (1, 2, 3, 4) and 100 * (1 + a.end) <= 400 and 100 * (5 - a.end) <= 400  # both halves fit
+    # asked for: a split at a given block boundary even where the chain fits whole
+    plan = plan_placement(manifests, sizes, [WorkerInfo("w1", 10_000), WorkerInfo("w2", 10_000)], split={"p/big": 3})
+    assert [(s.start, s.end) for s in plan.splits["p/big"]] == [(0, 3), (3, None)]
+    assert not plan.workers_for("p/small") or "p/small" not in plan.splits
+    plan = plan_placement(manifests, sizes, [WorkerInfo("w1", 10_000)], split={"p/big": 3})
+    assert "p/big" in plan.unplaced  # one worker: nowhere to split to
+
+
+# ------------------------------------------------------------------ on a LocalCluster
+@pytest.fixture(scope="module")
+def cluster_clients(tiny_zoo):
+    import distributed
+    from distributed import LocalCluster
+
+    from blockllm.auth import create_key
+    from blockllm.client import Client
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster:
+        dask = distributed.Client(cluster)
+        clients = {t: Client(dask, api_key=create_key(tiny_zoo, t), zoo=tiny_zoo.url) for t in ("acme", "globex", "platform")}
+        yield clients
+        dask.close()
+
+
+def _set_speculation(dask, on: bool) -> None:
+    def flip(dask_worker, on=on):
+        dask_worker.extensions["blockllm-split"].driver.speculate = on
+
+    dask.run(flip)
+
+
+@pytest.mark.slow
+def test_split_across_workers_matches_transformers_and_tasks_stay_flat(cluster_clients, tiny_family, tok, refs):
+    from blockllm.client import GenerationRequest
+
+    keys = [m.key for m in members(tiny_family)]
+    client = cluster_clients["platform"]
+    plan = client.place(keys, split={k: SPLIT_AT for k in keys})
+    assert set(plan.splits) == set(keys)
+    firsts = {plan.splits[k][0].worker for k in keys}
+    lasts = {plan.splits[k][1].worker for k in keys}
+    assert len(firsts) == len(lasts) == 1 and firsts != lasts  # shared first halves sit together
+    dask = client.dask
+
+    def transitions(dask_scheduler):
+        return dask_scheduler.transition_counter
+
+    for speculate in (False, True):
+        _set_speculation(dask, speculate)
+        futures = {}
+        for m in members(tiny_family):
+            for i, p in enumerate(PROMPTS):
+                req = GenerationRequest(model=m.key, prompt_token_ids=tok(p)["input_ids"], sampling=SamplingParams(max_new_tokens=N))
+                futures[(m.key, i)] = cluster_clients[m.tenant].submit([req])[0]
+        for key, f in futures.items():
+            got = f.result(120)
+            assert list(got.token_ids) == refs[key], (speculate, key)
+            assert got.worker in firsts
+    stats = client.stats()
+    split = stats[next(iter(firsts))]["split"]
+    assert split["hits"] > 0 and split["steps"] > 0
+    assert stats[next(iter(lasts))]["split"]["remote_requests"] == 0  # KV released downstream
+
+    def run(n):
+        before = dask.run_on_scheduler(transitions)
+        client.generate(["3 + 4 =", "the"], "platform/tiny-base", SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return dask.run_on_scheduler(transitions) - before
+
+    assert run(4) == run(32)  # 8x the tokens through the hand-off, not one more task
+    with pytest.raises(PromptTooLongError):
+        client.generate(["a b c " * 300], "platform/tiny-base")
