@@ -183,8 +183,8 @@ class Client:
         return plan
 
     def loaded(self) -> dict[str, set[str]]:
-        """worker -> models its block host has loaded now."""
-        return {w: set(st["models"]) for w, st in self.stats().items()}
+        """worker -> models its block host takes requests for now (whole, or a split chain's first segment)."""
+        return {w: set(st["models"]) | set((st.get("split") or {}).get("routes", ())) for w, st in self.stats().items()}
 
     def _route(self, model: str) -> str:
         if self.plan is None or not self.plan.workers_for(model):
