@@ -1,0 +1,498 @@
+"""The systems the multi-tenant benchmark replays one trace through: the block engine driven directly,
+per-model serving (full copies in GPU slots, per-model batching, LRU eviction and reload from host
+memory), LoRA-only sharing, BlockLLM through its Dask serving stack, and transformers' generate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from blockllm.engine import Engine
+from blockllm.engine.scheduler import Scheduler
+from blockllm.types import Request, SamplingParams
+
+from .mt_models import model_tensors
+
+log = logging.getLogger("benchmarks.multitenant")
+
+
+# ------------------------------------------------------------------------------------------- records
+@dataclass
+class Rec:
+    variant: str
+    arrival: float  # scheduled, seconds from the run's start
+    prompt_len: int
+    output_len: int
+    first: float | None = None
+    done: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class RunLog:
+    recs: dict[str, Rec] = field(default_factory=dict)
+    end: float = 0.0  # seconds from start when the run stopped
+    h2d_bytes: int = 0
+    h2d_seconds: float = 0.0
+    reloads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def token(self, rid: str, t: float, n: int, finished: bool) -> None:
+        r = self.recs[rid]
+        if n and r.first is None:
+            r.first = t
+        r.tokens = max(r.tokens, n)
+        if finished and r.done is None:
+            r.done = t
+
+
+def _pct(xs: list[float]) -> dict[str, float | None]:
+    if not xs:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    a = np.asarray(xs)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def summarize(log_: RunLog) -> dict[str, Any]:
+    """Latency percentiles (unfinished requests count with their time so far: a lower bound)."""
+    recs = list(log_.recs.values())
+    done = [r for r in recs if r.done is not None]
+    e2e = [(r.done if r.done is not None else log_.end) - r.arrival for r in recs]
+    ttft = [(r.first if r.first is not None else log_.end) - r.arrival for r in recs]
+    tpot = [(r.done - r.first) / (r.tokens - 1) for r in done if r.first is not None and r.tokens > 1]
+    tokens = sum(r.tokens for r in recs)
+    last = max([r.done for r in done] + [log_.end if len(done) < len(recs) else 0.0] + [1e-9])
+    return {
+        "requests": len(recs), "completed": len(done), "unfinished": len(recs) - len(done),
+        "e2e_s": _pct(e2e), "ttft_s": _pct(ttft), "tpot_s": _pct(tpot), "tokens": tokens,
+        "makespan_s": last, "throughput_tok_s": tokens / last,
+        "h2d_bytes": log_.h2d_bytes, "h2d_seconds": log_.h2d_seconds, "reloads": log_.reloads,
+        "e2e_sorted_s": sorted(e2e), **log_.extra,
+    }  # fmt: skip
+
+
+def prompt_ids(i: int, n: int, vocab: int, seed: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.random.default_rng((seed, i)).integers(3, vocab, n))
+
+
+# ------------------------------------------------------------------------------------------- GPU sampler
+class GpuSampler:
+    """GPU utilisation and memory in use, sampled through NVML from a thread (None without NVML)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.interval, self.handle, self.samples = interval, None, []
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception as e:  # no NVML: the numbers are reported as missing, never invented
+            log.warning("no NVML (%s): GPU utilisation not sampled", e)
+
+    def __enter__(self) -> GpuSampler:
+        self.samples, self._stop = [], threading.Event()
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            u = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            m = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            self.samples.append((u.gpu, m.used))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self.handle is not None:
+            self._thread.join()
+
+    def result(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"gpu_util_mean": None, "gpu_mem_used_max": None, "nvml_samples": 0}
+        util = [s[0] for s in self.samples]
+        return {"gpu_util_mean": float(np.mean(util)), "gpu_mem_used_max": max(s[1] for s in self.samples), "nvml_samples": len(util)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------- engine systems
+class GroupScheduler(Scheduler):
+    """Per-model batching: each step runs the requests of ONE group (a model, or the LoRA group),
+    groups taken round robin; the rest keep their KV and wait for their turn."""
+
+    def __init__(self, prefill_chunk: int, limit_of: Any, group_of: Any) -> None:
+        super().__init__(prefill_chunk, limit_of)
+        self.group_of = group_of
+        self._last: str | None = None
+
+    def groups(self) -> list[str]:
+        return sorted({self.group_of(s) for s in (*self.running, *self.waiting)})
+
+    def schedule(self) -> list:
+        groups = self.groups()
+        if not groups:
+            return []
+        later = [g for g in groups if self._last is None or g > self._last]
+        g = self._last = (later or groups)[0]
+        others_r = [s for s in self.running if self.group_of(s) != g]
+        others_w = [s for s in self.waiting if self.group_of(s) != g]
+        self.running = [s for s in self.running if self.group_of(s) == g]
+        self.waiting = [s for s in self.waiting if self.group_of(s) == g]
+        try:
+            return super().schedule()
+        finally:
+            self.running += others_r
+            self.waiting += others_w
+
+
+class GroupEngine(Engine):
+    """The block engine with per-model batching; a decode chain runs on only while no other group waits."""
+
+    def use_groups(self, group_of: Any) -> None:
+        self.scheduler = GroupScheduler(self.scheduler.prefill_chunk, self._limit, group_of)
+
+    def _chainable(self, prev: Any) -> bool:
+        return len(self.scheduler.groups()) <= 1 and super()._chainable(prev)
+
+
+class DirectSystem:
+    """Requests go straight into the engine (BlockLLM without the serving stack)."""
+
+    def __init__(self, engine: Engine, keys: dict[str, str]) -> None:
+        self.engine, self.keys = engine, keys  # variant name -> model key in the engine
+
+    def reset(self) -> None:
+        pass
+
+    def arrive(self, rid: str, variant: str, ids: tuple[int, ...], out: int, now: float) -> None:
+        self.engine.add_request(Request(rid, self.keys[variant], ids, SamplingParams(max_new_tokens=out, ignore_eos=True)))
+
+    def pump(self, now: float, log_: RunLog) -> None:
+        pass
+
+    def release(self, rid: str) -> None:
+        pass
+
+    def queued(self) -> int:
+        return 0
+
+
+class SlotSystem(DirectSystem):
+    """Per-model serving: models that are not always resident (`keys`) live in GPU slots, each a full
+    copy; an evicted model (least recently used, idle) is reloaded from host memory on demand."""
+
+    def __init__(self, engine: Engine, keys: dict[str, str], slots: list[str], host: dict[str, list[torch.Tensor]],
+                 initial: list[str]) -> None:  # fmt: skip
+        super().__init__(engine, keys)
+        self.slots, self.host, self.initial = slots, host, initial
+        self.tensors = {s: model_tensors(engine, s) for s in slots}
+        self.reset()
+
+    def reset(self) -> None:
+        """Every run starts from the same resident set (the most popular models), not timed."""
+        self.in_slot: dict[str, str | None] = dict.fromkeys(self.slots)
+        self.slot_of: dict[str, str] = {}
+        self.used = dict.fromkeys(self.slots, 0.0)
+        self.live: dict[str, int] = dict.fromkeys(self.slots, 0)
+        self.owner: dict[str, str] = {}
+        self.queue: dict[str, deque] = {}
+        for v, s in zip(self.initial, self.slots, strict=False):
+            self._copy(v, s)
+        sync(self.engine.device)
+
+    def _copy(self, variant: str, slot: str) -> int:
+        old = self.in_slot[slot]
+        if old is not None:
+            self.slot_of.pop(old, None)
+        n = 0
+        with torch.inference_mode():  # the engine's weights are inference tensors
+            for dst, src in zip(self.tensors[slot], self.host[variant], strict=True):
+                dst.copy_(src, non_blocking=True)
+                n += src.numel() * src.element_size()
+        self.in_slot[slot], self.slot_of[variant] = variant, slot
+        return n
+
+    def arrive(self, rid: str, variant: str, ids: tuple[int, ...], out: int, now: float) -> None:
+        if variant in self.keys:
+            return super().arrive(rid, variant, ids, out, now)
+        self.queue.setdefault(variant, deque()).append((rid, ids, out))
+
+    def pump(self, now: float, log_: RunLog) -> None:
+        waiting = sorted((q[0][0], v) for v, q in self.queue.items() if q)  # oldest request first
+        for _, v in waiting:
+            slot = self.slot_of.get(v)
+            if slot is None:
+                free = [s for s in self.slots if self.live[s] == 0]
+                if not free:
+                    continue  # every slot serves requests: wait for one to drain
+                slot = min(free, key=lambda s: self.used[s])
+                t0 = time.perf_counter()
+                n = self._copy(v, slot)
+                sync(self.engine.device)  # the model must be on the device before its requests run
+                log_.h2d_seconds += time.perf_counter() - t0
+                log_.h2d_bytes += n
+                log_.reloads += 1
+            q = self.queue[v]
+            while q:
+                rid, ids, out = q.popleft()
+                self.engine.add_request(Request(rid, slot, ids, SamplingParams(max_new_tokens=out, ignore_eos=True)))
+                self.owner[rid] = slot
+                self.live[slot] += 1
+            self.used[slot] = now
+
+    def release(self, rid: str) -> None:
+        slot = self.owner.pop(rid, None)
+        if slot is not None:
+            self.live[slot] -= 1
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queue.values())
+
+
+def _profile_rows(prof: Any) -> dict[str, list[dict[str, Any]]]:
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        rows.append({"op": e.key[:90], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3, "self_device_ms": dev / 1e3})
+    return {"by_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:15], "by_device": sorted(rows, key=lambda r: -r["self_device_ms"])[:15]}
+
+
+def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: float, profile: tuple[float, float] | None = None) -> RunLog:
+    """Replay `trace` (workload.Arrival) in real time through an engine-side system; stop at `deadline`.
+    `profile=(t0, t1)`: torch.profiler over that window of the run (host ops and device kernels)."""
+    engine = system.engine
+    prof = None
+    system.reset()
+    log_ = RunLog()
+    g0, c0 = engine.graphs.captures, engine.graphs.capture_seconds
+    s0 = engine.steps
+    t0 = time.perf_counter()
+    i, n = 0, len(trace)
+    while True:
+        now = time.perf_counter() - t0
+        while i < n and trace[i].time <= now:
+            a = trace[i]
+            rid = f"r{i}"
+            log_.recs[rid] = Rec(a.model, a.time, a.prompt_len, a.output_len)
+            system.arrive(rid, a.model, prompt_ids(i, a.prompt_len, vocab, seed), a.output_len, now)
+            i += 1
+        if profile is not None and prof is None and now >= profile[0]:
+            from torch.profiler import ProfilerActivity
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+            p_steps, p_t = engine.steps, now
+        if prof is not None and profile is not None and now >= profile[1] and "profile" not in log_.extra:
+            sync(engine.device)
+            prof.__exit__(None, None, None)
+            log_.extra["profile"] = {"window_s": now - p_t, "steps": engine.steps - p_steps, **_profile_rows(prof)}
+        system.pump(now, log_)
+        if engine.has_unfinished():
+            outs = engine.step()
+            t = time.perf_counter() - t0
+            for o in outs:
+                log_.token(o.request_id, t, len(o.token_ids), o.finished and o.finish_reason != "abort")
+                if o.finished:
+                    system.release(o.request_id)
+        elif i < n:
+            time.sleep(min(max(trace[i].time - now, 0.0), 0.002))
+        elif not system.queued():
+            break
+        if now > deadline:
+            break
+    log_.end = time.perf_counter() - t0
+    if prof is not None and "profile" not in log_.extra:
+        sync(engine.device)
+        prof.__exit__(None, None, None)
+        log_.extra["profile"] = {"window_s": log_.end - p_t, "steps": engine.steps - p_steps, **_profile_rows(prof)}
+    for rid, r in log_.recs.items():  # past the deadline: abort what is left (counted unfinished)
+        if r.done is None:
+            engine.abort(rid)
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            if o.finished:
+                system.release(o.request_id)
+    if hasattr(system, "queue"):
+        system.queue.clear()
+    log_.extra.update(graph_captures=engine.graphs.captures - g0, graph_capture_s=engine.graphs.capture_seconds - c0,
+                      engine_steps=engine.steps - s0)  # fmt: skip
+    return log_
+
+
+# ------------------------------------------------------------------------------------------- serving stack
+class ServingRun:
+    """BlockLLM through its serving stack: a one-worker LocalCluster (in this process, so the block
+    host's engine reads the same memory:// zoo), block hosts, placement, and blockllm.Client."""
+
+    def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt") -> None:
+        import distributed
+
+        import blockllm
+
+        self.cluster = distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2, dashboard_address=None,
+                                                silence_logs=logging.WARNING)  # in-process: inproc:// comms  # fmt: skip
+        self.dask = distributed.Client(self.cluster)
+        self.tenant = tenant
+        self.client = blockllm.Client(self.dask, api_key=api_key, zoo=zoo_url, engine=engine_kwargs, capacity_bytes=1 << 50)
+        t0 = time.perf_counter()
+        self.client.place(models)
+        self.place_s = time.perf_counter() - t0
+        (self.worker,) = self.client.workers
+        self.host = next(iter(self.cluster.workers.values())).extensions["blockllm"]
+
+    @property
+    def engine(self) -> Engine:
+        return self.host.engine
+
+    def replay(self, trace: list, vocab: int, seed: int, deadline: float, tag: str) -> RunLog:
+        from blockllm.client import GenerationRequest
+
+        log_ = RunLog()
+        eng = self.engine
+        g0, c0, s0 = eng.graphs.captures, eng.graphs.capture_seconds, eng.steps
+        futures = {}
+        t0 = time.perf_counter()
+
+        def done(rid: str, fut: Any) -> None:
+            t = time.perf_counter() - t0
+            r = log_.recs[rid]
+            if fut.exception() is not None:
+                return
+            c = fut.result()
+            r.tokens = len(c.token_ids)
+            r.done = t
+            # the host timed first token -> done; the client timed arrival -> done
+            if c.ttft is not None and c.latency is not None:
+                r.first = t - (c.latency - c.ttft)
+
+        for i, a in enumerate(trace):
+            wait = a.time - (time.perf_counter() - t0)
+            if wait > 0:
+                time.sleep(wait)
+            rid = f"{tag}-{i}"
+            log_.recs[rid] = Rec(a.model, a.time, a.prompt_len, a.output_len)
+            req = GenerationRequest(model=f"{self.tenant}/{a.model}", prompt_token_ids=list(prompt_ids(i, a.prompt_len, vocab, seed)), request_id=rid,
+                                    sampling=SamplingParams(max_new_tokens=a.output_len, ignore_eos=True))  # fmt: skip
+            (f,) = self.client.submit([req])
+            f.add_done_callback(lambda fut, rid=rid: done(rid, fut))
+            futures[rid] = f
+        while time.perf_counter() - t0 < deadline and not all(f.done() for f in futures.values()):
+            time.sleep(0.01)
+        log_.end = time.perf_counter() - t0
+        left = [rid for rid, f in futures.items() if not f.done()]
+        if left:
+
+            async def abort() -> None:
+                await self.dask.rpc(self.worker).blockllm_abort(ids=left)
+
+            self.dask.sync(abort)
+        for f in futures.values():
+            try:
+                f.exception(timeout=15)
+            except Exception:
+                pass
+        for r in log_.recs.values():  # streamed tokens of unfinished requests are not seen: count the floor
+            if r.done is None:
+                r.tokens = 0
+        log_.extra.update(graph_captures=eng.graphs.captures - g0, graph_capture_s=eng.graphs.capture_seconds - c0,
+                          engine_steps=eng.steps - s0)  # fmt: skip
+        return log_
+
+    def close(self) -> None:
+        self.client.close()
+        self.dask.close()
+        self.cluster.close()
+
+
+# ------------------------------------------------------------------------------------------- transformers
+class _Clock:
+    """A logits processor that timestamps generation steps (after a device sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_reference(ms: Any, trace: list, vocab: int, seed: int, max_new: int, max_batch: int) -> RunLog:
+    """transformers' generate, one model per variant (eager, batched per variant, FCFS by oldest
+    request), replaying `trace` in real time; building a model is kept off the clock."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+    device, dtype = ms.source.device, ms.source.dtype
+    cfg = LlamaConfig(**{k: v for k, v in ms.config.items() if k not in ("model_type", "architectures")})
+    variants = {v.name: v for v in ms.variants}
+    log_ = RunLog()
+    for i, a in enumerate(trace):
+        log_.recs[f"hf{i}"] = Rec(a.model, a.time, a.prompt_len, a.output_len)
+    pending = list(range(len(trace)))
+    offset = 0.0  # seconds of model building, taken off the clock
+    t0 = time.perf_counter()
+    build_s, steps = 0.0, []
+    while pending:
+        now = time.perf_counter() - t0 - offset
+        ready = [i for i in pending if trace[i].time <= now]
+        if not ready:
+            time.sleep(max(0.0, trace[pending[0]].time - now))
+            continue
+        name = trace[ready[0]].model
+        batch = [i for i in ready if trace[i].model == name][:max_batch]
+        tb = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
+        model.load_state_dict(ms.hf_state_dict(variants[name]))
+        sync(device)
+        build_s += time.perf_counter() - tb
+        offset += time.perf_counter() - tb
+        want = [min(trace[i].output_len, max_new) for i in batch]
+        prompts = [prompt_ids(i, trace[i].prompt_len, vocab, seed) for i in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, p in enumerate(prompts):  # left padding
+            ids[k, width - len(p) :] = torch.tensor(p)
+            mask[k, width - len(p) :] = 1
+        clock = _Clock(device)
+        with torch.inference_mode():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(want), min_new_tokens=max(want),
+                           do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0)  # fmt: skip
+        sync(device)
+        end = time.perf_counter()
+        steps.extend(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
+        for k, i in enumerate(batch):
+            r = log_.recs[f"hf{i}"]
+            r.first = clock.times[0] - t0 - offset
+            r.done = end - t0 - offset
+            r.tokens = want[k]
+            pending.remove(i)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    log_.end = time.perf_counter() - t0 - offset
+    log_.extra.update(model_build_s=build_s, hf_step_ms_median=1e3 * float(np.median(steps)) if steps else None, hf_max_new_tokens=max_new)
+    return log_
+
+
+__all__ = ["GpuSampler", "GroupEngine", "RunLog", "ServingRun", "SlotSystem", "DirectSystem", "drive", "hf_reference", "summarize"]

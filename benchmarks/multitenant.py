@@ -1,0 +1,419 @@
+"""Multi-tenant benchmark: BlockLLM against per-model serving, LoRA-only sharing and transformers,
+one seeded trace (Zipf variants, Poisson arrivals, lognormal lengths) replayed through each, one
+after the other on the same device, at several arrival rates.
+
+    python -m benchmarks.multitenant --preset cpu    # tiny shape, seconds: the CI smoke test
+    python -m benchmarks.multitenant --preset 1b     # Llama-1.1B shape, 16 variants (H100)
+    python -m benchmarks.multitenant --preset 8b     # Llama-3-8B shape, 16 variants (H200)
+
+Writes benchmarks/results/multitenant-<preset>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .mt_models import ModelSet, Shape, SyntheticSource, model_tensors, write_zoo
+from .mt_systems import DirectSystem, GpuSampler, GroupEngine, RunLog, ServingRun, SlotSystem, drive, hf_reference, summarize, sync
+from .workload import WorkloadConfig, generate
+
+log = logging.getLogger("benchmarks.multitenant")
+
+
+@dataclass
+class Preset:
+    shape: Shape
+    rates: list[float]  # requests per second
+    duration: float  # seconds of arrivals per rate
+    drain: float  # at most this long after the last arrival, then the rest counts unfinished
+    prompt_median: float
+    output_median: float
+    max_prompt: int
+    max_output: int
+    max_batch: int
+    kv_bytes: int
+    prefill_chunk: int
+    hf_requests: int  # transformers replays the first N requests of the lowest rate's trace
+    hf_max_new: int
+    serving: bool  # BlockLLM through the Dask serving stack (needs its blocks in a zoo)
+    blockllm_direct: bool  # also the engine alone, without the serving stack
+    own_host_copies: bool  # per-model: each variant's own weights in host memory (else one shared buffer)
+    warmup_s: float
+    prompt_sigma: float = 1.0
+    output_sigma: float = 0.8
+    zipf_alpha: float = 1.1
+    seed: int = 0
+    budget_s: float = 1e9  # stop starting runs after this long (a device call has a hard limit)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS = {
+    "cpu": Preset(shape=Shape("tiny", 4, 64, 128, 4, 2, 256), rates=[8.0, 16.0], duration=1.0, drain=10.0, prompt_median=12,
+                  output_median=5, max_prompt=48, max_output=12, max_batch=64, kv_bytes=64 << 20, prefill_chunk=512,
+                  hf_requests=4, hf_max_new=4, serving=True, blockllm_direct=True, own_host_copies=True, warmup_s=0.5),
+    "1b": Preset(shape=Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), rates=[4.0, 8.0, 16.0], duration=10.0, drain=15.0,
+                 prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=8 << 30,
+                 prefill_chunk=2048, hf_requests=12, hf_max_new=32, serving=True, blockllm_direct=True, own_host_copies=True,
+                 warmup_s=2.0, budget_s=470.0),
+    "8b": Preset(shape=Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256), rates=[1.5, 3.0], duration=10.0, drain=15.0,
+                 prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=16 << 30,
+                 prefill_chunk=2048, hf_requests=6, hf_max_new=16, serving=False, blockllm_direct=True, own_host_copies=False,
+                 warmup_s=2.0, budget_s=470.0),
+}  # fmt: skip
+
+
+def _versions() -> dict[str, Any]:
+    import dask
+    import distributed
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "dask": dask.__version__, "distributed": distributed.__version__}  # fmt: skip
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        out["commit"] = None
+    return out
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+class Bench:
+    def __init__(self, preset_name: str, out_dir: Path, profile: bool = False) -> None:
+        self.name, self.p, self.profile = preset_name, PRESETS[preset_name], profile
+        self.t_start = time.perf_counter()
+        self.device = torch.device("cuda" if preset_name != "cpu" else "cpu")
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        p = self.p
+        self.max_len = p.max_prompt + p.max_output + 16
+        self.source = SyntheticSource(self.device, self.dtype)
+        self.ms = ModelSet(p.shape, self.source, max_positions=4096)
+        rng = np.random.default_rng(p.seed)
+        self.order = [self.ms.variants[i].name for i in rng.permutation(len(self.ms.variants))]  # popularity rank
+        self.kind = {v.name: v.kind for v in self.ms.variants}
+        self.traces = {r: generate(self._wl(r, p.duration, p.seed)) for r in p.rates}
+        from dataclasses import replace
+
+        self.warm = generate(replace(self._wl(max(p.rates), p.warmup_s, p.seed + 1), output_median=16, max_output=32))
+        sh = p.shape
+        page_bytes = 2 * 16 * sh.kv_heads * (sh.hidden // sh.heads) * torch.empty((), dtype=self.dtype).element_size()
+        self.engine_kw = dict(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), kv_pages=int(p.kv_bytes // page_bytes),
+                              max_batch_size=p.max_batch, max_model_len=self.max_len, prefill_chunk=p.prefill_chunk, page_size=16)  # fmt: skip
+        self.distinct = self.ms.distinct_bytes()
+        self.model_bytes = self.ms.model_bytes()
+        self.out_dir = out_dir
+        self.result: dict[str, Any] = {
+            "preset": preset_name, "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else (platform.processor() or "cpu"),
+            "versions": _versions(), "seed": p.seed, "dtype": str(self.dtype),
+            "config": {**{k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in asdict(p).items()}, "engine": self.engine_kw},
+            "model_set": {"variants": {v.name: v.kind for v in self.ms.variants}, "popularity_order": self.order,
+                          "partial_layers_changed": self.ms.partial_layers, "lora_rank": self.ms.lora_rank,
+                          "distinct_bytes": self.distinct, "model_bytes": self.model_bytes, "full_copies_bytes": self.model_bytes * len(self.order)},
+            "traces": {str(r): len(t) for r, t in self.traces.items()}, "systems": {}, "notes": [],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }  # fmt: skip
+
+    def _wl(self, rate: float, duration: float, seed: int) -> WorkloadConfig:
+        p = self.p
+        return WorkloadConfig(models=tuple(self.order), rate=rate, duration=duration, zipf_alpha=p.zipf_alpha, prompt_median=p.prompt_median,
+                              prompt_sigma=p.prompt_sigma, output_median=p.output_median, output_sigma=p.output_sigma,
+                              max_prompt=p.max_prompt, max_output=p.max_output, seed=seed)  # fmt: skip
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.t_start > self.p.budget_s
+
+    def save(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"multitenant-{self.name}.json"
+        path.write_text(json.dumps(self.result, indent=1, default=str))
+        return path
+
+    # ------------------------------------------------------------------ one system, every rate
+    def _sweep(self, name: str, run_one: Any, info: dict[str, Any], profiled: Any = None) -> None:
+        sysres = {**info, "rates": {}}
+        self.result["systems"][name] = sysres
+        t0 = time.perf_counter()
+        run_one(self.warm, self.p.warmup_s + 10)  # Triton compiles, first graph captures (short outputs)
+        sysres["warmup_s"] = time.perf_counter() - t0
+        for rate in self.p.rates:
+            if self.over_budget():
+                sysres["rates"][str(rate)] = {"skipped": "time budget of the run spent"}
+                continue
+            with GpuSampler(self.device) as gpu:
+                rl: RunLog = run_one(self.traces[rate], self.p.duration + self.p.drain)
+            s = summarize(rl)
+            s.update(gpu.result())
+            sysres["rates"][str(rate)] = s
+            log.info("%s @ %.1f req/s: p95 %.2f s, %.0f tok/s, %d/%d done, util %s, h2d %.1f GB", name, rate, s["e2e_s"]["p95"],
+                     s["throughput_tok_s"], s["completed"], s["requests"], s["gpu_util_mean"], s["h2d_bytes"] / 1e9)  # fmt: skip
+        sysres["peak_gpu_bytes"] = _peak(self.device)
+        if self.profile and profiled is not None and not self.over_budget():
+            # a separate, shorter replay of the highest rate: the profiler's overhead stays out of the numbers above
+            rl = profiled(self.traces[max(self.p.rates)], 2.6)
+            sysres["profile"] = {"rate": max(self.p.rates), "window": [1.0, 2.5], **rl.extra.get("profile", {})}
+        self.save()
+
+    def blockllm_serving(self) -> None:
+        """(1) BlockLLM through its serving stack: blocks in a real (memory://) zoo, a block host on a LocalCluster, the Client."""
+        import blockllm
+        from zoo_store import Zoo
+
+        url = f"memory://mt-bench-{uuid.uuid4().hex[:8]}"
+        zoo = Zoo(url)
+        t0 = time.perf_counter()
+        manifests = write_zoo(self.ms, zoo, self.ms.variants)
+        write_s = time.perf_counter() - t0
+        key = blockllm.auth.create_key(zoo, "mt")
+        import dask
+
+        with dask.config.set({"blockllm.zoo.verify": False}):  # hashed once when written; reads are not re-hashed
+            run = ServingRun(url, key, [m.key for m in manifests], self.engine_kw)
+            try:
+                info = {"how": "blockllm.Client -> BlockHost on a 1-worker LocalCluster (in-process), memory:// zoo",
+                        "zoo_write_s": write_s, "place_s": run.place_s, "weight_bytes_gpu": run.engine.stats().weight_bytes}  # fmt: skip
+                counter = iter(range(1 << 30))
+                self._sweep("blockllm", lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info)
+            finally:
+                run.close()
+        import fsspec
+
+        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+        del zoo
+        _free(self.device)
+
+    def blockllm_direct(self, name: str) -> None:
+        """(1') The same engine, all 16 variants loaded, driven directly (no Dask)."""
+        from blockllm.engine import Engine
+
+        eng = Engine(self.source, **self.engine_kw)
+        t0 = time.perf_counter()
+        for v in self.ms.variants:
+            eng.load(v.manifest)
+        sync(self.device)
+        info = {"how": "blockllm.engine.Engine driven directly (no serving stack)", "load_s": time.perf_counter() - t0,
+                "weight_bytes_gpu": eng.stats().weight_bytes}  # fmt: skip
+        system = DirectSystem(eng, {v.name: v.manifest.key for v in self.ms.variants})
+        self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
+                    lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl, (1.0, 2.5)))
+        del system, eng
+        _free(self.device)
+
+    def host_copies(self, slot_engine: Any, slot_key: str, variants: list[str]) -> dict[str, list[torch.Tensor]]:
+        pin = self.device.type == "cuda"
+        if self.p.own_host_copies:
+            if not hasattr(self, "_host"):
+                t0 = time.perf_counter()
+                self._host = {v.name: self.ms.fused_host_copy(v, slot_engine.fold_norms, pin) for v in self.ms.variants}
+                self.result["host_copies_build_s"] = time.perf_counter() - t0
+            return {v: self._host[v] for v in variants}
+        # host RAM cannot hold every variant: one model-sized pinned buffer stands in for each, so the
+        # bytes copied per reload are right while the weights copied are not the variant's own
+        if not hasattr(self, "_shared"):
+            self._shared = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t) for t in model_tensors(slot_engine, slot_key)]
+        return dict.fromkeys(variants, self._shared)
+
+    def slots_engine(self, n_slots: int, tenant: str) -> tuple[GroupEngine, list[str]]:
+        slots = ModelSet(self.p.shape, self.source, tenant=tenant, n_lora=0, n_partial=0, n_full=n_slots, max_positions=4096)
+        eng = GroupEngine(self.source, **self.engine_kw)
+        for v in slots.variants:
+            eng.load(v.manifest)
+        return eng, [v.manifest.key for v in slots.variants]
+
+    def per_model(self) -> None:
+        """(2) Per-model serving: full copies, per-model batching, LRU eviction under BlockLLM's weight bytes."""
+        n = max(1, self.distinct // self.model_bytes)
+        eng, slots = self.slots_engine(n, "slots")
+        eng.use_groups(lambda seq: seq.model.manifest.key)
+        host = self.host_copies(eng, slots[0], self.order)
+        system = SlotSystem(eng, {}, slots, host, self.order[:n])
+        info = {"how": "GroupEngine: one model's requests per step (round robin), full copies in GPU slots, LRU reload from pinned host memory",
+                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
+                "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
+        self._sweep("per_model", lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
+                    lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl, (1.0, 2.5)))
+        del system, eng
+        _free(self.device)
+
+    def lora_only(self) -> None:
+        """(4) LoRA-only sharing: adapters batch together on one resident base (S-LoRA / vLLM multi-LoRA);
+        partial and full fine-tunes are full copies in slots, as in (2)."""
+        loras = [v for v in self.ms.variants if v.kind == "lora"]
+        resident = self.ms.distinct_bytes(loras)
+        n = max(1, (self.distinct - resident) // self.model_bytes)
+        eng, slots = self.slots_engine(n, "loslots")
+        for v in loras:
+            eng.load(v.manifest)
+        lora_keys = {v.manifest.key for v in loras}
+        eng.use_groups(lambda seq: "lora" if seq.model.manifest.key in lora_keys else seq.model.manifest.key)
+        others = [v for v in self.order if self.kind[v] != "lora"]
+        host = self.host_copies(eng, slots[0], others)
+        system = SlotSystem(eng, {v.name: v.manifest.key for v in loras}, slots, host, others[:n])
+        info = {"how": "GroupEngine: the 6 LoRA variants batched together on one base; partial/full fine-tunes as in per_model",
+                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct}  # fmt: skip
+        self._sweep("lora_only", lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info)
+        del system, eng
+        _free(self.device)
+
+    def transformers_ref(self) -> None:
+        """(3) transformers generate per variant: the first N requests of the lowest rate, outputs capped."""
+        rate = min(self.p.rates)
+        trace = self.traces[rate][: self.p.hf_requests]
+        if self.over_budget():
+            self.result["systems"]["transformers"] = {"skipped": "time budget of the run spent"}
+            return
+        with GpuSampler(self.device) as gpu:
+            rl = hf_reference(self.ms, trace, self.p.shape.vocab, self.p.seed, self.p.hf_max_new, self.p.max_batch)
+        s = summarize(rl)
+        s.update(gpu.result())
+        self.result["systems"]["transformers"] = {
+            "how": f"LlamaForCausalLM.generate per variant (eager, greedy), batch = waiting requests of one variant; first {len(trace)} requests at {rate} req/s, outputs capped at {self.p.hf_max_new} tokens; model builds off the clock",
+            "rates": {str(rate): s}, "peak_gpu_bytes": _peak(self.device)}  # fmt: skip
+        log.info("transformers: median step %.1f ms, %.0f tok/s", s.get("hf_step_ms_median") or -1, s["throughput_tok_s"])
+        _free(self.device)
+        self.save()
+
+    # ------------------------------------------------------------------ the comparison
+    def ratios(self) -> None:
+        sy = self.result["systems"]
+        bl_name = "blockllm" if "blockllm" in sy else "blockllm_direct"
+        bl, pm, lo = sy.get(bl_name), sy.get("per_model"), sy.get("lora_only")
+        out: dict[str, Any] = {"blockllm_row": bl_name, "gpu_weight_bytes_over_distinct": (bl or {}).get("weight_bytes_gpu", 0) / self.distinct}
+        for rate in self.p.rates:
+            r = str(rate)
+            row: dict[str, Any] = {}
+            for other_name, other in (("per_model", pm), ("lora_only", lo)):
+                a, b = (bl or {}).get("rates", {}).get(r), (other or {}).get("rates", {}).get(r)
+                if not a or not b or "skipped" in a or "skipped" in b:
+                    continue
+                row[other_name] = {
+                    "p95_ratio": a["e2e_s"]["p95"] / b["e2e_s"]["p95"], "p99_ratio": a["e2e_s"]["p99"] / b["e2e_s"]["p99"],
+                    "ttft_p95_ratio": a["ttft_s"]["p95"] / b["ttft_s"]["p95"],
+                    "throughput_ratio": a["throughput_tok_s"] / b["throughput_tok_s"],
+                    "gpu_util_diff": (a["gpu_util_mean"] - b["gpu_util_mean"]) if a.get("gpu_util_mean") is not None and b.get("gpu_util_mean") is not None else None,
+                }  # fmt: skip
+            out[r] = row
+        self.result["ratios"] = out
+
+    def run(self, systems: list[str]) -> dict[str, Any]:
+        steps = {"blockllm": self.blockllm_serving if self.p.serving else (lambda: self.blockllm_direct("blockllm_direct")),
+                 "per_model": self.per_model, "lora_only": self.lora_only, "transformers": self.transformers_ref,
+                 "blockllm_direct": (lambda: self.blockllm_direct("blockllm_direct")) if self.p.serving and self.p.blockllm_direct else (lambda: None)}  # fmt: skip
+        if not self.p.serving:
+            self.result["notes"].append("BlockLLM drives the engine directly: the serving stack reads blocks from a zoo, and this set's "
+                                        "distinct blocks (about 100 GB) do not fit a host-memory zoo beside everything else")  # fmt: skip
+        if not self.p.own_host_copies:
+            self.result["notes"].append("per-model reloads copy a model's bytes from ONE shared pinned host buffer (host RAM cannot "
+                                        "hold 16 full copies): the bytes and time of every reload are real, the weights are not the variant's")  # fmt: skip
+        for name in systems:
+            _free(self.device)
+            steps[name]()
+        if hasattr(self, "_host"):
+            del self._host
+        self.ratios()
+        self.result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.result["wall_s"] = time.perf_counter() - self.t_start
+        path = self.save()
+        try:
+            plot(self.result, path.with_suffix(".png"))
+        except ImportError as e:  # no matplotlib: the JSON still stands
+            log.warning("no plot: %s", e)
+        return self.result
+
+
+# ------------------------------------------------------------------------------------------- report
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    rates = [float(r) for r in result["config"]["rates"]]
+    top = str(max(rates))
+    for name, sr in result["systems"].items():
+        rr = {float(r): v for r, v in sr.get("rates", {}).items() if "skipped" not in v}
+        if not rr:
+            continue
+        cdf_rate = str(max(rr)) if top not in sr["rates"] or "skipped" in sr["rates"][top] else top
+        e2e = sr["rates"][cdf_rate]["e2e_sorted_s"]
+        axes[0].plot(e2e, np.arange(1, len(e2e) + 1) / len(e2e), label=f"{name} @ {float(cdf_rate):g} req/s")
+        xs = sorted(rr)
+        axes[1].plot(xs, [rr[x]["e2e_s"]["p95"] for x in xs], marker="o", label=name)
+        axes[2].plot(xs, [rr[x]["throughput_tok_s"] for x in xs], marker="o", label=name)
+    axes[0].set_xscale("log")
+    axes[0].set(xlabel="end-to-end latency (s)", ylabel="fraction of requests", title="latency CDF (highest rate)")
+    axes[1].set(xlabel="arrival rate (req/s)", ylabel="p95 end-to-end (s)", title="p95 latency", yscale="log")
+    axes[2].set(xlabel="arrival rate (req/s)", ylabel="output tokens / s", title="throughput")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"multi-tenant, {result['preset']}: 16 variants, {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [f"{result['device']}  distinct {result['model_set']['distinct_bytes'] / 1e9:.2f} GB, one model {result['model_set']['model_bytes'] / 1e9:.2f} GB"]
+    for name, sr in result["systems"].items():
+        for rate, s in sr.get("rates", {}).items():
+            if "skipped" in s:
+                lines.append(f"{name:>16} @ {rate:>5}: skipped")
+                continue
+            lines.append(f"{name:>16} @ {rate:>5}: p50 {s['e2e_s']['p50']:.2f} p95 {s['e2e_s']['p95']:.2f} p99 {s['e2e_s']['p99']:.2f} s, "
+                         f"ttft p95 {s['ttft_s']['p95']:.3f}, tpot p50 {1e3 * (s['tpot_s']['p50'] or 0):.1f} ms, {s['throughput_tok_s']:.0f} tok/s, "
+                         f"{s['completed']}/{s['requests']} done, util {s.get('gpu_util_mean')}, h2d {s['h2d_bytes'] / 1e9:.1f} GB")  # fmt: skip
+    lines.append(f"ratios: {json.dumps(result.get('ratios'), default=str)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over 1.5 s of an extra replay of the highest rate (engine-driven systems)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds after which no new run starts")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("distributed", "blockllm.engine.loading"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.budget is not None:
+        PRESETS[args.preset].budget_s = args.budget
+    result = Bench(args.preset, args.out, args.profile).run(args.systems.split(","))
+    print(summary(result))  # the CLI prints; the library logs
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["PRESETS", "Bench", "Preset", "main"]
