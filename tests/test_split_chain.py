@@ -44,9 +44,9 @@ def test_guess_next_looks_up_the_latest_ngram():
     assert guess_next([8]) == 8  # nothing to look up: repeat
 
 
-def _split_pair(zoo, family, **driver_kw):
+def _split_pair(zoo, family, graphs=False, **driver_kw):
     """A first segment [0, SPLIT_AT) driving a last segment [SPLIT_AT, 4) in this process."""
-    first, last = SegmentEngine(zoo, device="cpu"), SegmentEngine(zoo, device="cpu")
+    first, last = (SegmentEngine(zoo, device="cpu", emulate_graphs=graphs) for _ in range(2))
     pool = ThreadPoolExecutor(1)  # the next worker's hand-off handler, one step at a time
 
     def send(address, items, hidden):
@@ -74,10 +74,11 @@ def _run(driver, requests):
     return done
 
 
-@pytest.mark.parametrize("speculate", [False, True])
-def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok, refs, speculate):
-    # a prefill chunk of 4 tokens: long prompts cross the hand-off in several pieces
-    driver, first, last = _split_pair(tiny_zoo, tiny_family, speculate=speculate, prefill_chunk=4)
+@pytest.mark.parametrize("speculate,graphs", [(False, False), (True, False), (True, True)])
+def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok, refs, speculate, graphs):
+    # a prefill chunk of 4 tokens: long prompts cross the hand-off in several pieces; `graphs`:
+    # decode steps take the captured-graph path (emulated on the CPU)
+    driver, first, last = _split_pair(tiny_zoo, tiny_family, graphs, speculate=speculate, prefill_chunk=4)
     batch = [
         Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N))
         for m in members(tiny_family)
@@ -97,6 +98,8 @@ def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok
     # sticky KV, freed on both sides when requests end
     assert first.stats().kv_pages_used == 0 and last.stats().kv_pages_used == 0
     assert last.stats().remote_requests == 0
+    if graphs:
+        assert first.graphs.captures > 0 and last.graphs.captures > 0
 
 
 def test_speculation_keeps_sampled_tokens_identical(tiny_zoo, tiny_family, tok):

@@ -27,10 +27,12 @@ from ..exceptions import (
     UnsupportedArchitectureError,
 )
 from ..types import SamplingParams
+from . import ops
 from .engine import _device, _dtype
 from .forward import Lane, _take, run_layers
+from .graphs import GraphCache
 from .kv_cache import KVPool, auto_pages
-from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
+from .plan import Item, ModelClass, Plan, bucket, build_plan, fill_inputs
 from .rope import cos_sin_table
 from .sampling import make_generator, sample
 from .weights import (
@@ -133,8 +135,6 @@ def run_segment(plan: Plan, lane: Lane, hidden: torch.Tensor | None) -> torch.Te
 
 
 def _logits(plan: Plan, lane: Lane, h: torch.Tensor) -> torch.Tensor:
-    from . import ops
-
     hs = h if plan.sample_rows is None else h.index_select(0, plan.sample_rows)  # (S, C)
     logits = torch.empty(plan.n_sample, lane.vocab, dtype=lane.dtype, device=lane.device)
     for st in plan.heads:
@@ -164,7 +164,9 @@ class SegmentEngine:
         kv_pages: int | str | None = None,
         max_batch_size: int | None = None,
         max_model_len: int | None = None,
-        **_ignored: Any,  # whole-chain engine options (cuda_graphs, prefill_chunk, ...) do not apply
+        cuda_graphs: bool | None = None,
+        emulate_graphs: bool = False,
+        **_ignored: Any,  # whole-chain engine options (prefill_chunk, ...) do not apply
     ) -> None:
         self.zoo = zoo
         self.device = _device(device)
@@ -173,6 +175,15 @@ class SegmentEngine:
         self.kv_pages = kv_pages if kv_pages is not None else _config.get("engine.kv-pages", "auto")
         self.max_batch_size = int(max_batch_size or _config.get("engine.max-batch-size", 64))
         self.max_model_len = int(max_model_len or _config.get("engine.max-model-len", 4096))
+        graphs = _config.get("engine.cuda-graphs", True) if cuda_graphs is None else cuda_graphs
+        # decode steps replay one captured graph per (classes, bucket) signature, as the whole-chain
+        # engine does; `emulate_graphs` runs that path on the CPU (tests)
+        self.graphs: GraphCache | None = None
+        if emulate_graphs:
+            self.graphs = GraphCache(emulate=True)
+        elif graphs and self.device.type == "cuda" and ops._triton_ops() is not None:
+            self.graphs = GraphCache()
+        self._plans: dict[tuple, tuple[Plan, np.ndarray, torch.Tensor | None]] = {}
         self.lock = threading.RLock()
         self.models: dict[str, SegmentModel] = {}
         self.instances: dict[tuple[str, int], Any] = {}  # (fingerprint, layer base) -> block
@@ -332,21 +343,47 @@ class SegmentEngine:
                 g[2].append(i)
             item_groups = [(cls, items) for cls, items, _ in groups.values()]
             owners = [i for _, _, idx in groups.values() for i in idx]  # plan item k is work[owners[k]]
-            plan = build_plan(item_groups, padded=False, device=self.device)
-            plan.inputs.copy_(torch.from_numpy(fill_inputs(plan, item_groups)))
+            graph = self.graphs is not None and all(w.n == 1 for w in work) and ops._pow2(lane.pool.head_dim)
+            if graph:
+                sig = (lane.key, lane.pool.generation, tuple((cls.key, bucket(len(items))) for cls, items in item_groups))
+                cached = self._plans.get(sig)
+                if cached is None:
+                    plan = build_plan(item_groups, padded=True, device=self.device)
+                    static_in = None
+                    if hidden is not None:
+                        static_in = torch.zeros(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)
+                    cached = self._plans[sig] = (plan, np.zeros((3, plan.n_rows), dtype=np.int64), static_in)
+                plan, host, static_in = cached
+                fill_inputs(plan, item_groups, host)
+                plan.inputs.copy_(torch.from_numpy(host))
+            else:
+                plan = build_plan(item_groups, padded=False, device=self.device)
+                plan.inputs.copy_(torch.from_numpy(fill_inputs(plan, item_groups)))
             # plan rows of work item i, in work order: the hand-off packing
-            offsets = np.zeros(len(work) + 1, dtype=np.int64)
-            offsets[1:] = np.cumsum([w.n for w in work])
             starts = {owners[k]: plan.item_rows[k] for k in range(len(owners))}
             idx = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i] + work[i].n) for i in range(len(work))])).to(self.device)
-            h = None
-            if hidden is not None:
-                h = torch.empty(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)
-                h.index_copy_(0, idx, hidden.to(device=lane.device, dtype=lane.dtype))
-            h = run_segment(plan, lane, h)
+            h = logits = None
+            if graph:
+                if static_in is not None:
+                    static_in.zero_()
+                    static_in.index_copy_(0, idx, hidden.to(device=lane.device, dtype=lane.dtype))
+                entry = self.graphs.get(sig) or self.graphs.capture(sig, plan, lambda: self._captured(plan, lane, static_in))
+                entry.graph.replay()
+                entry.replays += 1
+                if plan.heads:
+                    logits, greedy = entry.outputs
+                else:
+                    h = entry.outputs[0]
+            else:
+                if hidden is not None:
+                    h = torch.empty(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)
+                    h.index_copy_(0, idx, hidden.to(device=lane.device, dtype=lane.dtype))
+                h = run_segment(plan, lane, h)
+                if plan.heads:
+                    logits = _logits(plan, lane, h)
+                    greedy = logits.argmax(-1)
             tokens: list[int | None] = [None] * len(work)
             if plan.heads:
-                logits = _logits(plan, lane, h)
                 rows, params, gens, who = [], [], [], []
                 for k, i in enumerate(owners):
                     if plan.item_sample[k] >= 0:
@@ -354,12 +391,21 @@ class SegmentEngine:
                         params.append(work[i].sampling or SamplingParams())
                         gens.append(work[i].generator)
                         who.append(i)
-                toks, _ = sample(logits, logits.argmax(-1), rows, params, gens)
+                toks, _ = sample(logits, greedy, rows, params, gens)
                 for i, t in zip(who, toks, strict=True):
                     tokens[i] = t
             self.steps += 1
             self.rows += plan.n_rows
-            return h.index_select(0, idx), tokens
+            return (h.index_select(0, idx) if h is not None else None), tokens
+
+    def _captured(self, plan: Plan, lane: Lane, static_in: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """What a decode graph computes: hidden states out, or (last segment) logits and greedy picks."""
+        # layers update their rows in place: work on a copy, so the warm-up leaves the input intact
+        h = run_segment(plan, lane, static_in.clone() if static_in is not None else None)
+        if plan.heads:
+            logits = _logits(plan, lane, h)
+            return logits, logits.argmax(-1)
+        return (h,)
 
     # ------------------------------------------------------------------ requests from the previous worker
     def step_remote(self, items: list[dict], hidden: torch.Tensor) -> list[int | None]:

@@ -28,6 +28,8 @@ from ..auth import KeyRing, check_access
 from ..exceptions import BlockLLMError, OverloadedError
 from ..types import Request
 from .admission import ENGINE_PRIORITY, Admission, Ticket
+# imported here, not in the plugin's setup: the engine package must not be imported by two threads at once
+from .handoff import install as install_split
 from .wire import WireRequest, error_to_wire, parse_request
 
 log = logging.getLogger(__name__)
@@ -452,9 +454,7 @@ class BlockHostPlugin(WorkerPlugin):
         worker.handlers.update(
             {"blockllm_submit": submit, "blockllm_poll": poll, "blockllm_abort": abort, "blockllm_stats": stats, "blockllm_authorize": authorize}
         )
-        from .handoff import install
-
-        install(worker, host, self.engine_kwargs)  # split chains: segment engine, hand-off handlers
+        install_split(worker, host, self.engine_kwargs)  # split chains: segment engine, hand-off handlers
 
     def teardown(self, worker) -> None:
         host = worker.extensions.pop("blockllm", None)
