@@ -9,6 +9,7 @@ from zoo_store.exceptions import (  # re-exported: callers catch one family of e
     ModelNotFoundError,
     ZooCorruptionError,
     ZooError,
+    ZooUnavailableError,
 )
 
 
@@ -39,6 +40,12 @@ class BaseNotInZooError(BlockLLMError, LookupError):
 __all__ = [
     "AdapterError",
     "AuthenticationError",
+    "BatchInputError",
+    "InvalidPromptError",
+    "JobCancelledError",
+    "JobNotFoundError",
+    "MissingColumnError",
+    "OutputNotWritableError",
     "NoCapacityError",
     "OverloadedError",
     "BaseNotInZooError",
@@ -57,6 +64,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ZooCorruptionError",
     "ZooError",
+    "ZooUnavailableError",
 ]
 
 
@@ -97,3 +105,30 @@ class UnknownModelError(BlockLLMError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class BatchInputError(BlockLLMError, ValueError):
+    """Batch inference input that cannot run: a missing or non-text prompt column, a changed job input."""
+
+
+class MissingColumnError(BatchInputError, KeyError):
+    """The prompt column named for batch inference is not in the DataFrame."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidPromptError(BatchInputError):
+    """A prompt in a batch that is not a non-empty string (names the row)."""
+
+
+class OutputNotWritableError(BlockLLMError, PermissionError):
+    """A batch job's output URL that cannot be written (no such bucket, read-only, unknown protocol)."""
+
+
+class JobNotFoundError(BlockLLMError, LookupError):
+    """No batch job of that id is recorded (see `blockllm batch status`)."""
+
+
+class JobCancelledError(BlockLLMError, RuntimeError):
+    """A batch job was cancelled; submitting it again resumes it from the parts already written."""

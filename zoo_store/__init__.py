@@ -10,6 +10,7 @@ from .exceptions import (
     UnsupportedURLError,
     ZooCorruptionError,
     ZooError,
+    ZooUnavailableError,
 )
 from .fingerprint import asset_fingerprint, fingerprint, tensor_specs
 from .types import (
@@ -41,6 +42,7 @@ __all__ = [
     "ZooCorruptionError",
     "ZooError",
     "ZooStats",
+    "ZooUnavailableError",
     "asset_fingerprint",
     "fingerprint",
     "tensor_specs",

@@ -55,3 +55,7 @@ class MissingBackendError(ZooError, ImportError):
 
 class UnsupportedURLError(ZooError, ValueError):
     """A zoo URL whose scheme BlockLLM does not handle."""
+
+
+class ZooUnavailableError(ZooError, ConnectionError):
+    """The zoo's store did not answer (object store down or restarting) after bounded retries."""

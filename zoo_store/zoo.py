@@ -29,6 +29,7 @@ from .exceptions import (
     ZooCorruptionError,
 )
 from .fingerprint import asset_fingerprint, fingerprint
+from .retry import retried
 from .stores import open_store
 from .tensors import from_numpy, to_numpy
 from .types import BlockSpec, Fingerprint, Manifest, validate_fingerprint, validate_name
@@ -154,12 +155,14 @@ class Zoo:
             del g[child]
 
     # ------------------------------------------------------------------ blocks
+    @retried("has_block")
     def has_block(self, fp: Fingerprint) -> bool:
         if fp in self._specs:
             return True
         g = self._group(f"blocks/{fp}")
         return g is not None and "spec" in g.attrs
 
+    @retried("reading a block spec")
     def block_spec(self, fp: Fingerprint) -> BlockSpec:
         spec = self._specs.get(fp)
         if spec is not None:
@@ -196,6 +199,7 @@ class Zoo:
         self._specs[fp] = spec
         return fp
 
+    @retried("reading a block")
     def get_block(
         self, fp: Fingerprint, *, device: str | torch.device = "cpu", verify: bool | None = None
     ) -> Block:
@@ -219,6 +223,7 @@ class Zoo:
             tensors = {k: v.to(device) for k, v in tensors.items()}
         return Block(fp, spec, tensors)
 
+    @retried("listing blocks")
     def list_blocks(self, *, include_incomplete: bool = False) -> list[Fingerprint]:
         fps = self._children("blocks")
         if include_incomplete:
@@ -251,6 +256,7 @@ class Zoo:
         g.attrs.update({"files": names, "created": _now()})
         return fp
 
+    @retried("reading an asset")
     def get_asset(self, fp: Fingerprint) -> dict[str, bytes]:
         validate_fingerprint(fp)
         g = self._group(f"assets/{fp}")
@@ -285,12 +291,14 @@ class Zoo:
         data["created"] = data["created"] or _now()
         zarr.create_group(self._store, path=path, attributes={"manifest": data}, overwrite=True)
 
+    @retried("has_model")
     def has_model(self, tenant: str, name: str) -> bool:
         validate_name(tenant, "tenant")
         validate_name(name, "model name")
         g = self._group(f"models/{tenant}/{name}")
         return g is not None and "manifest" in g.attrs
 
+    @retried("reading a manifest")
     def get_manifest(self, tenant: str, name: str) -> Manifest:
         validate_name(tenant, "tenant")
         validate_name(name, "model name")
@@ -299,6 +307,7 @@ class Zoo:
             raise ModelNotFoundError(tenant, name)
         return Manifest.from_dict(g.attrs["manifest"])
 
+    @retried("listing models")
     def list_models(self, tenant: str | None = None) -> list[Manifest]:
         tenants = [validate_name(tenant, "tenant")] if tenant else self._children("models")
         out = []
@@ -325,12 +334,14 @@ class Zoo:
         else:
             self._ensure_group(path, {"doc": obj}).attrs.put({"doc": obj})
 
+    @retried("reading a document")
     def get_json(self, path: str, default: Any = None) -> Any:
         g = self._group(path)
         if g is None or "doc" not in g.attrs:
             return default
         return g.attrs["doc"]
 
+    @retried("listing documents")
     def list_json(self, path: str) -> list[str]:
         return self._children(path)
 

@@ -2,7 +2,7 @@
 
 BlockLLM's typed errors map onto HTTP statuses (and so onto the openai SDK's exception classes):
 AuthenticationError 401, ForbiddenError 403, unknown models 404, bad requests 400, a full
-admission queue 429 (with Retry-After), no capacity for a model 503.
+admission queue 429 (with Retry-After), no capacity for a model or an unreachable zoo 503.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from zoo_store.exceptions import InvalidNameError, ModelNotFoundError
+from zoo_store.exceptions import InvalidNameError, ModelNotFoundError, ZooUnavailableError
 
 from ..exceptions import (
     AuthenticationError,
@@ -61,6 +61,8 @@ def to_api_error(error: BaseException, *, model: str | None = None) -> APIError:
     if isinstance(error, OverloadedError):
         retry = error.retry_after if math.isfinite(error.retry_after) else 1.0
         return APIError(429, msg, "rate_limit_error", None, "overloaded", {"Retry-After": str(max(1, math.ceil(retry)))})
+    if isinstance(error, ZooUnavailableError):  # the object store is down or restarting
+        return APIError(503, msg, "server_error", None, "zoo_unavailable", {"Retry-After": "10"})
     if isinstance(error, NoCapacityError):
         return APIError(503, msg, "server_error", "model", "no_capacity", {"Retry-After": "5"})
     if isinstance(error, PermissionError):
