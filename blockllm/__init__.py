@@ -16,6 +16,10 @@ _LAZY = {
     "Request": "blockllm.types",
     "Zoo": "zoo_store",
     "auth": "blockllm.auth",
+    "generate_dataframe": "blockllm.batch",
+    "generate_bag": "blockllm.batch",
+    "generate_list": "blockllm.batch",
+    "submit_job": "blockllm.batch",
 }
 
 __all__ = sorted(_LAZY)

@@ -208,6 +208,10 @@ app.command()(serve)
 app.command()(status)
 app.add_typer(keys_app, name="keys")
 
+from .batch.cli import batch_app  # noqa: E402
+
+app.add_typer(batch_app, name="batch")
+
 
 def _mount_plugins() -> None:
     """Sub-commands from other packages (e.g. `jobs`), registered under the `blockllm.cli` entry point group."""

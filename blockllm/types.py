@@ -58,13 +58,19 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+# Request.priority classes in the engine: higher is admitted first and preempted last. Online work
+# may preempt running batch work (priority <= BATCH_PRIORITY); batch work fills what online leaves.
+ONLINE_PRIORITY = 1
+BATCH_PRIORITY = 0
+
+
 @dataclass(frozen=True)
 class Request:
     request_id: str
     model: str  # "tenant/name"
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
-    priority: int = 0  # higher first (online > batch)
+    priority: int = ONLINE_PRIORITY  # higher first; <= BATCH_PRIORITY is batch work
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class PipelinedDecode:
 
     def _chainable(self, prev: _Inflight) -> bool:
         """The next step is the same batch one token on: nobody waits, ends, or lacks a page."""
-        if self.scheduler.waiting:
+        if self.scheduler.has_admissible():  # batch work held back by its caps does not count
             return False
         for seq, _ in prev.rows:
             p = seq.req.sampling

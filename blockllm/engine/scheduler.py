@@ -1,9 +1,12 @@
 """Continuous batching: who runs in the next step, admission by KV pages and per-block batch limits,
-preemption by recompute when decode growth runs the page pool dry."""
+preemption by recompute when decode growth runs the page pool dry or online work needs room that
+batch work holds. Batch sequences are capped per block, and while online work runs they prefill
+only in steps that prefill anyway (or after an interval), so online decode steps stay graph-fast."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..types import Request
+from .. import config as _config
+from ..types import BATCH_PRIORITY, Request
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,42 @@ class Sequence:
         """Sort key: higher priority first, then first come."""
         return (-self.req.priority, self.arrival)
 
+    @property
+    def is_batch(self) -> bool:
+        return self.req.priority <= BATCH_PRIORITY
+
 
 class Scheduler:
     """Waiting and running sequences; `schedule()` picks each step's work: (sequence, tokens)."""
 
-    def __init__(self, prefill_chunk: int, limit_of: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        prefill_chunk: int,
+        limit_of: Callable[[str], int],
+        batch_share: float | None = None,
+        batch_prefill: int | None = None,
+        batch_interval: float | None = None,
+    ) -> None:
         self.prefill_chunk = prefill_chunk
         self.limit_of = limit_of
+        # Batch sequences may hold at most this share of a block's batch limit: the rest stays
+        # free for online arrivals, and a smaller batch keeps decode steps short.
+        share = _config.get("batch.max-running-share", 0.25) if batch_share is None else batch_share
+        if not 0 < float(share) <= 1:
+            raise ValueError(f"batch.max-running-share must be in (0, 1], not {share!r}")
+        self.batch_share = float(share)
+        # A step that prefills runs eagerly (no CUDA graph) and takes several decode steps' time;
+        # while online work runs, batch prefill joins steps that prefill online work anyway, or
+        # runs once `batch_interval` seconds passed without one, at most `batch_prefill` tokens.
+        self.batch_prefill = int(_config.get("batch.prefill-tokens", 256) if batch_prefill is None else batch_prefill)
+        self.batch_interval = float(_config.get("batch.prefill-interval", 0.05) if batch_interval is None else batch_interval)
+        self._batch_prefilled = time.monotonic()  # when batch work last prefilled
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.block_running: Counter[str] = Counter()  # running requests per block fingerprint
+        self.batch_running: Counter[str] = Counter()  # of which batch sequences
         self.preemptions = 0
+        self.batch_preemptions = 0  # batch sequences preempted to make room for online ones
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,6 +98,8 @@ class Scheduler:
             seq.model.lane.pool.release(seq.slot)
             seq.slot = 0
             self.block_running.subtract(seq.model.block_fps)
+            if seq.is_batch:
+                self.batch_running.subtract(seq.model.block_fps)
         seq.computed = 0
 
     def finish(self, seq: Sequence) -> None:
@@ -79,24 +110,81 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, why: str = "KV pool full") -> None:
         """Back to waiting, KV dropped: it is recomputed (prompt + tokens so far) when readmitted."""
         self.running.remove(seq)
         self._release(seq)
         self.waiting.append(seq)
         self.preemptions += 1
-        log.info("preempted %s (KV pool full); it will be recomputed", seq.req.request_id)
+        log.info("preempted %s (%s); it will be recomputed", seq.req.request_id, why)
+
+    def _batch_cap(self, fp: str) -> int:
+        return max(1, int(self.batch_share * self.limit_of(fp)))
+
+    def _blocked(self, seq: Sequence) -> tuple[list[str], bool]:
+        """Why `seq` cannot be admitted now: the blocks at their limit, and whether pages are short."""
+        full = [fp for fp in seq.model.block_fps if self.block_running[fp] >= self.limit_of(fp)]
+        if seq.is_batch:
+            full += [fp for fp in seq.model.block_fps if self.batch_running[fp] >= self._batch_cap(fp)]
+        pool = seq.model.lane.pool
+        return full, pool.pages_for(len(seq.tokens)) > pool.free_pages
+
+    def _make_room(self) -> None:
+        """Waiting online sequences preempt running batch ones (latest first) that hold what they lack."""
+        for seq in sorted(self.waiting, key=lambda s: s.order):
+            if seq.is_batch:
+                break  # sorted: only batch sequences follow
+            while True:
+                full, short = self._blocked(seq)
+                if not full and not short:
+                    break
+                pool = seq.model.lane.pool
+                victims = [
+                    s
+                    for s in self.running
+                    if s.is_batch
+                    and s.slot
+                    and (not full or set(full) & set(s.model.block_fps))
+                    and (not short or s.model.lane.pool is pool)
+                ]
+                if not victims:
+                    break
+                self.preempt(max(victims, key=lambda s: s.order), "an online request needs its room")
+                self.batch_preemptions += 1
+
+    def _batch_gate(self, online: bool, online_prefill: bool) -> bool:
+        """May batch sequences prefill in this step?"""
+        return not online or online_prefill or time.monotonic() - self._batch_prefilled >= self.batch_interval
+
+    def has_admissible(self) -> bool:
+        """Whether the next schedule() would start new prefill work (pipelined decode breaks then)."""
+        if any(not s.is_batch for s in self.waiting):
+            return True
+        if not self._batch_gate(any(not s.is_batch for s in self.running), False):
+            return False
+        if any(s.slot and len(s.tokens) - s.computed > 1 for s in self.running):
+            return True  # a batch prefill held back by the gate
+        for seq in self.waiting:
+            full, short = self._blocked(seq)
+            if not full and not short:
+                return True
+        return False
 
     # ------------------------------------------------------------------ the step's work
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Decodes of running requests, then prefill chunks within the token budget, then admissions."""
+        self._make_room()
         budget = self.prefill_chunk
+        online = [s for s in (*self.running, *self.waiting) if not s.is_batch]
+        online_prefill = any(s.slot == 0 or len(s.tokens) - s.computed > 1 for s in online)
+        gate = self._batch_gate(bool(online), online_prefill)
+        batch_budget = (min(self.batch_prefill, budget) if online else budget) if gate else 0
         work: dict[Sequence, int] = {}
         for seq in sorted(self.running, key=lambda s: s.order):
             if seq.slot == 0:  # preempted a moment ago
                 continue
             remaining = len(seq.tokens) - seq.computed
-            n = 1 if remaining == 1 else min(remaining, budget)
+            n = 1 if remaining == 1 else min(remaining, budget, batch_budget if seq.is_batch else budget)
             if n <= 0:
                 continue
             pool = seq.model.lane.pool
@@ -110,20 +198,29 @@ class Scheduler:
                 work[seq] = n
                 if remaining > 1:
                     budget -= n
+                    if seq.is_batch:
+                        batch_budget -= n
         for seq in sorted(self.waiting, key=lambda s: s.order):
-            if budget <= 0:
+            if budget <= 0 or (seq.is_batch and batch_budget <= 0):
                 break
-            if any(self.block_running[fp] >= self.limit_of(fp) for fp in seq.model.block_fps):
-                continue  # a block it needs is at its batch limit: it waits, others may go
-            pool = seq.model.lane.pool
-            if pool.pages_for(len(seq.tokens)) > pool.free_pages:
+            full, short = self._blocked(seq)
+            if full:
+                continue  # a block it needs is at its (batch) limit: it waits, others may go
+            if short:
                 break  # admission waits for pages, in priority order
+            pool = seq.model.lane.pool
             seq.slot = pool.acquire_slot()
             pool.ensure(seq.slot, len(seq.tokens))
             self.waiting.remove(seq)
             self.running.append(seq)
             self.block_running.update(seq.model.block_fps)
-            n = min(len(seq.tokens), budget)
+            if seq.is_batch:
+                self.batch_running.update(seq.model.block_fps)
+            n = min(len(seq.tokens), budget, batch_budget if seq.is_batch else budget)
             budget -= n
+            if seq.is_batch:
+                batch_budget -= n
             work[seq] = n
+        if any(seq.is_batch and n > 1 for seq, n in work.items()):
+            self._batch_prefilled = time.monotonic()
         return list(work.items())
