@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
@@ -28,10 +29,23 @@ from benchmarks.engine_decode import Shape, embed_head, layer_tensors
 log = logging.getLogger("benchmarks.serving_overhead")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "h100": {"shape": Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), "batches": [1, 8, 32, 64], "prompt": 128, "new": 64, "repeats": 3, "kv_pages": 24000},
+    "h100": {"shape": Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), "batches": [1, 8, 32, 64], "prompt": 128, "new": 64, "repeats": 2, "kv_pages": 24000},
     "cpu": {"shape": Shape("tiny-b", 4, 128, 256, 4, 1, 512), "batches": [1, 4], "prompt": 16, "new": 12, "repeats": 2, "kv_pages": 2048},
 }  # fmt: skip
 MODEL = "bench/llama"
+# Steady decode on both sides: every prompt prefilled in one step, every request handed to the
+# engine at once (admission pacing shapes time to first token, not the per-step cost measured here).
+SETTINGS = {"engine.prefill-chunk": 8192, "serving.engine-waiting": 1024}
+
+
+def apply_settings() -> dict[str, Any]:
+    """SETTINGS here (dask.config) and in the workers to be started (their environment)."""
+    import dask
+
+    for k, v in SETTINGS.items():
+        os.environ["DASK_BLOCKLLM__" + k.upper().replace(".", "__").replace("-", "_")] = str(v)
+    dask.config.set({f"blockllm.{k}": v for k, v in SETTINGS.items()})
+    return dict(SETTINGS)
 
 
 def device_name() -> str:
@@ -156,6 +170,7 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
     from zoo_store import Zoo
 
     p = PRESETS[preset]
+    settings = apply_settings()
     zoo_url = zoo_url or (Path(_config.cache_dir()) / f"bench-zoo-{p['shape'].name}").as_uri()
     t = time.perf_counter()
     build_zoo(zoo_url, p["shape"])
@@ -169,6 +184,7 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
         "prompt_tokens": p["prompt"], "new_tokens": p["new"], "repeats": p["repeats"], "zoo_build_s": built,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "batches": [],
         "method": "median over requests of (last token - first token) / (new tokens - 1); bare and served alternate, median of repeats",
+        "settings": settings,
     }  # fmt: skip
     try:
         client.place([MODEL])

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving_overhead import MODEL, build_zoo, device_name, prompts, served_steps, start_cluster
+from benchmarks.serving_overhead import MODEL, apply_settings, build_zoo, device_name, prompts, served_steps, start_cluster
 
 log = logging.getLogger("benchmarks.split_chain")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "h100": {"shape": "llama-1.1b", "batches": [1, 8, 32], "prompt": 128, "new": 64, "repeats": 3, "kv_pages": 24000},
+    "h100": {"shape": "llama-1.1b", "batches": [1, 8, 32], "prompt": 128, "new": 64, "repeats": 2, "kv_pages": 24000},
     "cpu": {"shape": "tiny-b", "batches": [1, 4], "prompt": 16, "new": 12, "repeats": 2, "kv_pages": 2048},
 }  # fmt: skip
 
@@ -54,6 +54,29 @@ def _set_speculation(dask: Any, on: bool) -> None:
         dask_worker.extensions["blockllm-split"].driver.speculate = on
 
     dask.run(flip)
+
+
+def _set_oracle(dask: Any, table: dict[int, int] | None) -> None:
+    """Replace the prompt-lookup guess by a table of the right answers (None: back to prompt lookup)."""
+
+    def put(dask_worker, table=table):
+        from blockllm.serving.handoff import guess_next
+
+        driver = dask_worker.extensions["blockllm-split"].driver
+        driver.guess = guess_next if table is None else (lambda toks: table.get(hash(tuple(toks)), guess_next(toks)))
+
+    dask.run(put)
+
+
+def _oracle(p: dict[str, Any], batch: int, seeds: list[int], runs: list[dict[str, Any]]) -> dict[int, int]:
+    """hash(tokens so far) -> the next token, from runs of the same prompts without speculation."""
+    table = {}
+    for seed, run in zip(seeds, runs, strict=True):
+        for x, gen in zip(prompts(batch, p["prompt"], p["shape"].vocab, seed), run["tokens"], strict=True):
+            seq = list(x) + list(gen)
+            for i in range(len(x), len(seq)):
+                table[hash(tuple(seq[:i]))] = seq[i]
+    return table
 
 
 def inprocess_steps(driver: Any, batch: int, p: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -90,7 +113,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bs = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for key, label in (("whole_step_ms", "whole chain, one worker"), ("inprocess_step_ms", "2 segments, one process (no hand-off)"),
-                       ("split_step_ms", "split over 2 workers"), ("split_spec_step_ms", "split + speculation")):  # fmt: skip
+                       ("split_step_ms", "split over 2 workers"), ("split_spec_step_ms", "split + speculation (prompt lookup)"),
+                       ("split_oracle_step_ms", "split + speculation, every guess right")):  # fmt: skip
         ax.plot(bs, [r[key] for r in rows], marker="o", label=label)
     for r in rows:
         ax.annotate(f"hit {r['hit_rate']:.0%}", (r["batch"], r["split_spec_step_ms"]), fontsize=7)
@@ -113,6 +137,7 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
     from zoo_store import Zoo
 
     p = dict(PRESETS[preset], shape=_shape(preset))
+    settings = apply_settings()
     s = p["shape"]
     zoo_url = zoo_url or (Path(_config.cache_dir()) / f"bench-zoo-{s.name}").as_uri()
     build_zoo(zoo_url, s)
@@ -136,6 +161,8 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "setup": "LocalCluster of 2 worker processes on one device; whole = one worker; split = layers [0, k) + embedding on one, [k, L) + head on the other",
         "method": "median over requests of (last token - first token) / (new tokens - 1), host timestamps; median of repeats",
+        "settings": settings,
+        "oracle": "split_oracle_*: the guess is the token a run without speculation produced (what speculation saves when every guess is right)",
     }  # fmt: skip
     try:
         rows: dict[int, dict[str, Any]] = {b: {"batch": b} for b in p["batches"]}
@@ -156,25 +183,35 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
         for b in p["batches"]:
             inprocess_steps(local, b, p, seed=b)
             rows[b]["inprocess_step_ms"] = statistics.median(inprocess_steps(local, b, p, seed=100 + r)["step_ms"] for r in range(p["repeats"]))
-            for spec in (False, True):
-                _set_speculation(dask, spec)
+            seeds = [100 + r for r in range(p["repeats"])]
+            table = None
+            for tag in ("split", "split_spec", "split_oracle"):
+                _set_speculation(dask, tag != "split")
+                _set_oracle(dask, table if tag == "split_oracle" else None)
                 served_steps(client, b, p, seed=b)  # warm-up (graphs of this composition)
                 before = _split_stats(client)
-                runs = [served_steps(client, b, p, seed=100 + r) for r in range(p["repeats"])]
+                runs = [served_steps(client, b, p, seed=s) for s in seeds]
                 after = _split_stats(client)
                 d = {k: after[k] - before[k] for k in after}
-                tag = "split_spec" if spec else "split"
                 rows[b][f"{tag}_step_ms"] = statistics.median(x["step_ms"] for x in runs)
                 rows[b][f"{tag}_wait_ms_per_step"] = 1e3 * d["wait_seconds"] / max(d["steps"], 1)
                 rows[b][f"_{tag}_tokens"] = runs[0]["tokens"]
-                if spec:
-                    rows[b].update(guesses=d["guesses"], hits=d["hits"], misses=d["misses"], hit_rate=d["hits"] / max(d["hits"] + d["misses"], 1))
+                if tag == "split":
+                    table = _oracle(p, b, seeds, runs)
+                else:
+                    pre = "" if tag == "split_spec" else "oracle_"
+                    rows[b].update({pre + "guesses": d["guesses"], pre + "hits": d["hits"], pre + "misses": d["misses"],
+                                    pre + "hit_rate": d["hits"] / max(d["hits"] + d["misses"], 1)})  # fmt: skip
+            _set_oracle(dask, None)
             r = rows[b]
             r["handoff_ms_per_step"] = r["split_step_ms"] - r["inprocess_step_ms"]
             r["speculation_saving_ms"] = r["split_step_ms"] - r["split_spec_step_ms"]
             r["speculation_saving_pct"] = 100 * r["speculation_saving_ms"] / r["split_step_ms"]
             r["split_vs_whole"] = r["split_step_ms"] / r["whole_step_ms"]
+            r["oracle_saving_ms"] = r["split_step_ms"] - r["split_oracle_step_ms"]
+            r["oracle_saving_pct"] = 100 * r["oracle_saving_ms"] / r["split_step_ms"]
             r["spec_tokens_identical"] = r.pop("_split_spec_tokens") == r["_split_tokens"]
+            r["oracle_tokens_identical"] = r.pop("_split_oracle_tokens") == r["_split_tokens"]
             r["split_tokens_match_whole"] = r.pop("_split_tokens") == r.pop("_whole_tokens")
             log.warning("batch %d: %s", b, {k: v for k, v in r.items()})
             result["batches"].append(r)
@@ -202,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"batch {row['batch']:>3}: whole {row['whole_step_ms']:.3f}  no-handoff {row['inprocess_step_ms']:.3f}  "
             f"split {row['split_step_ms']:.3f}  split+spec {row['split_spec_step_ms']:.3f} ms  (hit {row['hit_rate']:.0%}, "
-            f"hand-off {row['handoff_ms_per_step']:+.3f} ms, spec saves {row['speculation_saving_ms']:+.3f} ms)"
+            f"hand-off {row['handoff_ms_per_step']:+.3f} ms, spec saves {row['speculation_saving_ms']:+.3f} ms; "
+            f"all guesses right {row['split_oracle_step_ms']:.3f} ms, hit {row['oracle_hit_rate']:.0%}, saves {row['oracle_saving_ms']:+.3f} ms)"
         )
 
 

@@ -92,6 +92,7 @@ class SplitDriver:
         self.steps = 0
         self.guesses = self.hits = self.misses = 0
         self.wait_seconds = 0.0  # time spent waiting for the next segment's replies
+        self.guess: Callable[[list[int]], int] = guess_next  # tokens so far -> the next token's guess
 
     # ------------------------------------------------------------------ control
     def route(self, model: str, address: str) -> None:
@@ -253,7 +254,7 @@ class SplitDriver:
             pos = len(seq.tokens)  # where the token now being sampled downstream will sit
             if not seq.model.lane.pool.ensure(seq.slot, pos + 1):
                 continue
-            g = guess_next(seq.tokens)
+            g = self.guess(seq.tokens)
             batch.append((seq, pos, g))
         if not batch:
             return
