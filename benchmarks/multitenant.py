@@ -68,10 +68,10 @@ PRESETS = {
                  prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=8 << 30,
                  prefill_chunk=2048, hf_requests=12, hf_max_new=32, serving=True, blockllm_direct=True, own_host_copies=True,
                  warmup_s=2.0, budget_s=470.0),
-    "8b": Preset(shape=Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256), rates=[1.5, 3.0], duration=10.0, drain=15.0,
+    "8b": Preset(shape=Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256), rates=[1.5, 3.0], duration=8.0, drain=8.0,
                  prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=16 << 30,
                  prefill_chunk=2048, hf_requests=6, hf_max_new=16, serving=False, blockllm_direct=True, own_host_copies=False,
-                 warmup_s=2.0, budget_s=470.0),
+                 warmup_s=2.0, budget_s=200.0),
 }  # fmt: skip
 
 
