@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving_overhead import MODEL, apply_settings, build_zoo, device_name, prompts, served_steps, start_cluster
+from benchmarks.serving_overhead import (
+    MODEL,
+    apply_settings,
+    build_zoo,
+    device_name,
+    prompts,
+    served_steps,
+    start_cluster,
+)
 
 log = logging.getLogger("benchmarks.split_chain")
 

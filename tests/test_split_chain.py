@@ -44,9 +44,9 @@ def test_guess_next_looks_up_the_latest_ngram():
     assert guess_next([8]) == 8  # nothing to look up: repeat
 
 
-def _split_pair(zoo, family, graphs=False, **driver_kw):
+def _split_pair(zoo, family, graphs=False, kv_pages=None, **driver_kw):
     """A first segment [0, SPLIT_AT) driving a last segment [SPLIT_AT, 4) in this process."""
-    first, last = (SegmentEngine(zoo, device="cpu", emulate_graphs=graphs) for _ in range(2))
+    first, last = (SegmentEngine(zoo, device="cpu", emulate_graphs=graphs, kv_pages=kv_pages) for _ in range(2))
     pool = ThreadPoolExecutor(1)  # the next worker's hand-off handler, one step at a time
 
     def send(address, items, hidden):
@@ -100,6 +100,45 @@ def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok
     assert last.stats().remote_requests == 0
     if graphs:
         assert first.graphs.captures > 0 and last.graphs.captures > 0
+
+
+def test_first_segment_preempted_for_pages_recomputes_on_both_sides(tiny_zoo, tiny_family, tok, refs):
+    # 24 pages of 16 tokens for 2 layers: requests queue for pages and decode growth preempts
+    driver, first, last = _split_pair(tiny_zoo, tiny_family, kv_pages=24, speculate=True)
+    batch = [
+        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N))
+        for m in members(tiny_family)
+        for i, p in enumerate(PROMPTS)
+    ]
+    done = _run(driver, batch)
+    assert driver.scheduler.preemptions > 0
+    for r in batch:
+        key, i = r.request_id.split("#")
+        assert list(done[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+    assert last.stats().remote_requests == 0
+
+
+def test_a_failed_hand_off_fails_its_requests_typed(tiny_zoo, tiny_family, tok):
+    from concurrent.futures import Future
+
+    from blockllm.exceptions import BlockLLMError
+
+    first = SegmentEngine(tiny_zoo, device="cpu")
+    failed = {}
+
+    def send(address, items, hidden):
+        f = Future()
+        f.set_exception(ConnectionError("the next worker is gone"))
+        return f
+
+    driver = SplitDriver(first, send, lambda a, ids: None, on_error=lambda ids, e: failed.update(dict.fromkeys(ids, e)))
+    key = members(tiny_family)[0].key
+    first.load(key, 0, SPLIT_AT)
+    driver.route(key, "gone")
+    driver.add_request(Request("r1", key, tuple(tok("the")["input_ids"])))
+    driver.step()
+    assert isinstance(failed["r1"], BlockLLMError) and "hand-off" in str(failed["r1"])
+    assert not driver.has_unfinished() and first.stats().kv_pages_used == 0
 
 
 def test_speculation_keeps_sampled_tokens_identical(tiny_zoo, tiny_family, tok):
@@ -216,3 +255,18 @@ def test_split_across_workers_matches_transformers_and_tasks_stay_flat(cluster_c
     assert run(4) == run(32)  # 8x the tokens through the hand-off, not one more task
     with pytest.raises(PromptTooLongError):
         client.generate(["a b c " * 300], "platform/tiny-base")
+
+
+def test_a_stale_release_does_not_drop_a_restarted_request(tiny_zoo, tiny_family):
+    import torch
+
+    key = members(tiny_family)[0].key
+    last = SegmentEngine(tiny_zoo, device="cpu")
+    last.load(key, SPLIT_AT)
+    item = {"request_id": "r", "model": key, "start": 0, "n": 3, "samples": True, "sampling": {}, "epoch": 2}
+    (tok,) = last.step_remote([item], torch.zeros(3, 128))
+    assert isinstance(tok, int)
+    last.release([["r", 1]])  # the release of its first start, overtaken by the restart
+    assert last.stats().remote_requests == 1
+    last.release([["r", 2]])
+    assert last.stats().remote_requests == 0 and last.stats().kv_pages_used == 0

@@ -97,6 +97,7 @@ class _Remote:
     sampling: SamplingParams
     generator: torch.Generator | None
     computed: int = 0
+    epoch: int = 0  # its owner's count of starts from position 0 (see release)
 
 
 @dataclass
@@ -422,6 +423,7 @@ class SegmentEngine:
                 if seg.first:
                     raise InvalidRequestError(f"model {seg.manifest.key}: layers [0, ...) start here; hand-offs go to later segments")
                 st = self._remote.get(rid)
+                epoch = int(it.get("epoch", 0))
                 if st is not None and start == 0 and st.computed:  # recomputed from scratch upstream (preempted)
                     st.model.lane.pool.release(st.slot)
                     st.slot, st.computed = seg.lane.pool.acquire_slot(), 0
@@ -430,6 +432,7 @@ class SegmentEngine:
                         raise InvalidRequestError(f"request {rid}: first hand-off at position {start}, expected 0")
                     sampling = SamplingParams(**dict(it.get("sampling") or {}))
                     st = self._remote[rid] = _Remote(seg, seg.lane.pool.acquire_slot(), sampling, make_generator(sampling))
+                st.epoch = max(st.epoch, epoch)
                 if start != st.computed:
                     raise InvalidRequestError(f"request {rid}: rows from {start}, but {st.computed} are cached here")
                 if not st.model.lane.pool.ensure(st.slot, start + n):
@@ -440,13 +443,17 @@ class SegmentEngine:
                 self._remote[str(it["request_id"])].computed += w.n
             return tokens
 
-    def release(self, request_ids: list[str]) -> None:
-        """Free the KV of requests that ended (or moved)."""
+    def release(self, request_ids: list) -> None:
+        """Free the KV of requests that ended (or were preempted upstream): ids, or [id, epoch]
+        pairs, where a release of an earlier start than the one held here is stale and ignored."""
         with self.lock:
-            for rid in request_ids:
-                st = self._remote.pop(rid, None)
-                if st is not None:
-                    st.model.lane.pool.release(st.slot)
+            for entry in request_ids:
+                rid, epoch = (entry, None) if isinstance(entry, str) else (str(entry[0]), int(entry[1]))
+                st = self._remote.get(rid)
+                if st is None or (epoch is not None and st.epoch > epoch):
+                    continue
+                del self._remote[rid]
+                st.model.lane.pool.release(st.slot)
 
     def stats(self) -> SegmentStats:
         with self.lock:

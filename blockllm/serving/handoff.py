@@ -84,6 +84,10 @@ class SplitDriver:
         self._live: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
         self._spec: dict[Sequence, tuple[int, int, torch.Tensor]] = {}  # seq -> (position, guess, its rows)
+        self._downstream: set[Sequence] = set()  # requests holding KV on the next worker
+        # times each request started from position 0 downstream: a release names the start it
+        # ends, so one that arrives after a restart (releases and steps may overtake each other) is ignored
+        self._epoch: dict[Sequence, int] = {}
         self._arrivals = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -161,6 +165,8 @@ class SplitDriver:
         """One iteration: this segment's rows (or the speculated ones), the hand-off, the tokens."""
         outputs, self._pending = self._pending, []
         work = self.scheduler.schedule()
+        # preempted here (KV dropped, recomputed later from the start): drop their KV there too
+        self._release([s for s in self._downstream if not s.slot])
         if not work:
             return outputs
         parts: list[torch.Tensor | None] = [None] * len(work)
@@ -192,6 +198,7 @@ class SplitDriver:
                 futures[addr] = _failed(UnknownModelError("the model's next segment is no longer placed"))
                 continue
             futures[addr] = self.send(addr, items, pack(torch.cat([parts[k] for k in ks])))
+            self._downstream.update(work[k][0] for k in ks)
         if self.speculate:
             self._guess(work)
         tokens: list[int | None] = [None] * len(work)
@@ -240,6 +247,8 @@ class SplitDriver:
             import dataclasses
 
             item["sampling"] = dataclasses.asdict(seq.req.sampling)
+            self._epoch[seq] = self._epoch.get(seq, 0) + 1
+        item["epoch"] = self._epoch.get(seq, 0)
         return item
 
     def _guess(self, work: list[tuple[Sequence, int]]) -> None:
@@ -264,11 +273,15 @@ class SplitDriver:
         self.guesses += len(batch)
 
     def _release(self, seqs: list[Sequence]) -> None:
-        by_addr: dict[str, list[str]] = {}
+        by_addr: dict[str, list] = {}
         for seq in seqs:
+            if seq not in self._downstream:
+                continue
+            self._downstream.discard(seq)
+            epoch = self._epoch.pop(seq, 0) if seq.finished else self._epoch.get(seq, 0)
             addr = self.routes.get(seq.req.model)
             if addr:
-                by_addr.setdefault(addr, []).append(seq.req.request_id)
+                by_addr.setdefault(addr, []).append([seq.req.request_id, epoch])
         for addr, rids in by_addr.items():
             try:
                 self.release_remote(addr, rids)
