@@ -52,9 +52,9 @@ class Preset:
 
 
 PRESETS = {
-    "h100": Preset(Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), rate=12.0, duration=20.0, prompt_median=128, output_median=96,
-                   max_prompt=512, max_output=256, batch_prompt=128, batch_output=128, batch_requests=20000, warmup=8.0,
-                   sweep=((0.25, 256, 0.1), (0.5, 512, 0.1))),
+    "h100": Preset(Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), rate=12.0, duration=12.0, prompt_median=128, output_median=96,
+                   max_prompt=512, max_output=256, batch_prompt=128, batch_output=128, batch_requests=20000, warmup=5.0,
+                   sweep=((0.25, 256, 0.05),)),
     "cpu": Preset(Shape("tiny", 2, 64, 128, 4, 2, 256), rate=20.0, duration=1.0, prompt_median=12, output_median=12,
                   max_prompt=32, max_output=24, batch_prompt=12, batch_output=12, batch_requests=400, warmup=0.5,
                   sweep=((0.5, 64, 0.01),)),
@@ -133,7 +133,9 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
                                        output_median=p.output_median, output_sigma=0.5, max_prompt=p.max_prompt, max_output=p.max_output, seed=seed))  # fmt: skip
     vocab = p.shape.vocab
     admission = Admission(max_per_tenant=10**6, max_per_model=10**6)
-    engine_waiting = 4  # serving.engine-waiting: what the host hands the engine ahead of its batch
+    from blockllm import config as _config
+
+    engine_waiting = int(_config.get("serving.engine-waiting", 4))  # what the host hands the engine ahead of its batch
     tag = f"s{seed}-{'b' if with_batch else 'o'}"
     if with_batch:
         for i in range(p.batch_requests):
@@ -144,8 +146,10 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
     tokens_in_window = {"online": 0, "batch": 0}
     seen: dict[str, int] = {}
     steps: list[float] = []
+    prefill_steps: list[float] = []  # steps that prefill (eager, no CUDA graph)
     sched = eng.scheduler
-    preempt0 = sched.batch_preemptions
+    preempt0, captures0 = sched.batch_preemptions, eng.graphs.captures
+    fp0 = eng.models[model].block_fps[0]
     next_arrival = 0
     sampler = GpuSampler(device)
     t0 = time.perf_counter()
@@ -160,21 +164,28 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
                 admission.offer(Ticket(req, "online-tenant", model, "online"))
                 online[rid] = {"arrival": now, "times": []}
                 next_arrival += 1
-            room = engine_waiting - len(sched.waiting)  # the host's hand-out rule (serving/host.py)
+            waiting_online = sum(not s.is_batch for s in sched.waiting)  # the host's hand-out rule (serving/host.py)
+            room = engine_waiting - waiting_online
             if room > 0 and len(admission):
-                waiting_online = any(not s.is_batch for s in sched.waiting)
-                batch_room = 0 if waiting_online else max(0, eng.max_batch_size - len(sched.running) - len(sched.waiting))
+                free = min(engine_waiting - len(sched.waiting), eng.max_batch_size - len(sched.running) - len(sched.waiting))
+                batch_room = 0 if waiting_online else max(0, free)
                 for t in admission.take(room, batch_room):
                     eng.add_request(t.request)
             if now >= duration and next_arrival >= len(arrivals) and all(o.get("done") for o in online.values()):
                 break
+            if now >= duration + 60:  # bounded: online requests still open a minute later are reported
+                log.warning("%d online requests unfinished 60 s after the phase", sum(not o.get("done") for o in online.values()))
+                break
             if not eng.has_unfinished():
                 time.sleep(0.0002)
                 continue
+            tok0 = eng.block_tokens[fp0]
             s0 = time.perf_counter()
             outs = eng.step()
             s1 = time.perf_counter()
             steps.append(s1 - s0)
+            if eng.block_tokens[fp0] - tok0 > eng.last_batch.get(fp0, 0):  # more tokens than rows: a prefill
+                prefill_steps.append(s1 - s0)
             t_out = s1 - t0
             for out in outs:
                 n_new = len(out.token_ids) - seen.get(out.request_id, 0)
@@ -211,11 +222,60 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
         "itl_ms_p50": 1e3 * _pct(gaps, 50), "itl_ms_p95": 1e3 * _pct(gaps, 95), "itl_ms_p99": 1e3 * _pct(gaps, 99),
         "ttft_ms_p50": 1e3 * _pct(ttft, 50), "ttft_ms_p95": 1e3 * _pct(ttft, 95),
         "step_ms_p50": 1e3 * _pct(steps, 50), "step_ms_p95": 1e3 * _pct(steps, 95), "steps": len(steps),
+        "prefill_steps": len(prefill_steps), "prefill_step_ms_p50": 1e3 * (_pct(prefill_steps, 50) or 0),
+        "prefill_time_share": sum(prefill_steps) / max(sum(steps), 1e-9),
+        "graph_captures": eng.graphs.captures - captures0,
         "batch_preemptions": sched.batch_preemptions - preempt0,
         "tpot_ms": [1e3 * x for x in tpot],
     }  # fmt: skip
     res.update(sampler.summary())
     return res
+
+
+def prefill_probe(eng, model: str, p: Preset, device: torch.device, reps: int = 10) -> dict[str, Any]:
+    """What one step costs: a decode step of a few running requests, and one that also prefills
+    `batch.prefill-tokens` of batch prompt (timed on the warm engine, synchronised)."""
+    from blockllm.types import BATCH_PRIORITY, ONLINE_PRIORITY, Request, SamplingParams
+
+    rng = np.random.default_rng(7)
+    sched = eng.scheduler
+    saved = (sched.batch_share, sched.batch_prefill, sched.batch_interval)
+    sched.batch_interval = 0.0
+    out: dict[str, Any] = {"prefill_tokens": sched.batch_prefill}
+    decode, prefill = [], []
+
+    def timed(n: int = 1) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t) / n
+
+    for k in range(reps):
+        for i in range(2):
+            ids = tuple(int(t) for t in rng.integers(3, p.shape.vocab, 64))
+            eng.add_request(Request(f"probe{k}-o{i}", model, ids, SamplingParams(max_new_tokens=64, ignore_eos=True), ONLINE_PRIORITY))
+        while any(len(s.tokens) - s.computed > 1 or s.slot == 0 for s in (*sched.running, *sched.waiting)):
+            eng.step()
+        decode.append(timed(10))
+        n = max(1, sched.batch_prefill // p.batch_prompt)
+        for i in range(n):
+            ids = tuple(int(t) for t in rng.integers(3, p.shape.vocab, p.batch_prompt))
+            eng.add_request(Request(f"probe{k}-b{i}", model, ids, SamplingParams(max_new_tokens=4, ignore_eos=True), BATCH_PRIORITY))
+        times = []
+        while any(s.req.priority == BATCH_PRIORITY and (s.slot == 0 or s.computed < s.n_prompt) for s in (*sched.running, *sched.waiting)):
+            times.append(timed())
+        prefill.append(max(times))  # the step that prefilled them (the others finish a pipelined decode)
+        for s in list(sched.running) + list(sched.waiting):
+            eng.abort(s.req.request_id)
+        while eng.has_unfinished():
+            eng.step()
+    sched.batch_share, sched.batch_prefill, sched.batch_interval = saved
+    out.update(decode_step_ms=1e3 * float(np.median(decode)), prefill_step_ms=1e3 * float(np.median(prefill)))
+    return out
 
 
 def run(preset: str, out_dir: Path, repeats: int = 1) -> dict[str, Any]:
@@ -239,7 +299,10 @@ def run(preset: str, out_dir: Path, repeats: int = 1) -> dict[str, Any]:
     result["build_s"] = time.perf_counter() - t
     sched = eng.scheduler
     defaults = (sched.batch_share, sched.batch_prefill, sched.batch_interval)
-    run_phase(eng, model, p, True, p.warmup, seed=99, device=device)  # warm-up: graphs, allocator
+    # warm-up on the measured online trace (its prompt shapes, its batch compositions), with and
+    # without batch work, so that no phase pays for first-time kernel compiles or graph captures
+    run_phase(eng, model, p, False, p.duration, seed=0, device=device)  # the whole trace: every prompt length
+    run_phase(eng, model, p, True, p.warmup, seed=0, device=device)
     phases: dict[str, list] = {"online": [], "online+batch": []}
     sweep: dict[str, list] = {}
     for r in range(repeats):  # the same online trace in every phase
@@ -253,20 +316,9 @@ def run(preset: str, out_dir: Path, repeats: int = 1) -> dict[str, Any]:
             log.info("%s run %d: %s", name, r, {k: v for k, v in res.items() if k != "tpot_ms"})
         sched.batch_share, sched.batch_prefill, sched.batch_interval = defaults
     result["phases"] = phases
+    result["prefill_probe"] = prefill_probe(eng, model, p, device)
     result["sweep"] = {name: {k: v for k, v in rows[0].items() if k != "tpot_ms"} for name, rows in sweep.items()}
-    a, b = phases["online"], phases["online+batch"]
-
-    def mean(rows, k):
-        vals = [x[k] for x in rows if x.get(k) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    summary = {k: {"online": mean(a, k), "online+batch": mean(b, k)} for k in
-               ("total_tokens_per_s", "online_tokens_per_s", "batch_tokens_per_s", "tpot_ms_p95", "itl_ms_p95", "ttft_ms_p95", "step_ms_p50", "gpu_util_mean")}  # fmt: skip
-    summary["throughput_ratio"] = summary["total_tokens_per_s"]["online+batch"] / summary["total_tokens_per_s"]["online"]
-    summary["tpot_p95_rise"] = summary["tpot_ms_p95"]["online+batch"] / summary["tpot_ms_p95"]["online"] - 1
-    summary["itl_p95_rise"] = summary["itl_ms_p95"]["online+batch"] / summary["itl_ms_p95"]["online"] - 1
-    summary["goal_tpot_p95_rise_le_10pct"] = summary["tpot_p95_rise"] <= 0.10
-    result["summary"] = summary
+    result["summary"] = summarize(result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"batch_online-{preset}"
@@ -278,6 +330,32 @@ def run(preset: str, out_dir: Path, repeats: int = 1) -> dict[str, Any]:
     return result
 
 
+def summarize(result: dict[str, Any], baseline: str = "all") -> dict[str, Any]:
+    """Online-only against online+batch (defaults). `baseline`: "all" online phases, or only the
+    "last" (when an earlier one still compiled kernels: see its prefill_step_ms_p50)."""
+    phases = result["phases"]
+    a, b = phases["online"], phases["online+batch"]
+    if baseline == "last":
+        a = a[-1:]
+
+    def mean(rows, k):
+        vals = [x[k] for x in rows if x.get(k) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    summary: dict[str, Any] = {"baseline": baseline}
+    summary |= {k: {"online": mean(a, k), "online+batch": mean(b, k)} for k in
+               ("total_tokens_per_s", "online_tokens_per_s", "batch_tokens_per_s", "tpot_ms_p95", "itl_ms_p95", "ttft_ms_p95", "step_ms_p50", "gpu_util_mean")}  # fmt: skip
+    summary["throughput_ratio"] = summary["total_tokens_per_s"]["online+batch"] / summary["total_tokens_per_s"]["online"]
+    summary["tpot_p95_rise"] = summary["tpot_ms_p95"]["online+batch"] / summary["tpot_ms_p95"]["online"] - 1
+    summary["itl_p95_rise"] = summary["itl_ms_p95"]["online+batch"] / summary["itl_ms_p95"]["online"] - 1
+    summary["goal_tpot_p95_rise_le_10pct"] = summary["tpot_p95_rise"] <= 0.10
+    summary["online_tpot_ms_p95_each_run"] = [x["tpot_ms_p95"] for x in phases["online"]]  # the baseline's own spread
+    summary["online_prefill_step_ms_p50_each_run"] = [x.get("prefill_step_ms_p50") for x in phases["online"]]
+    summary["prefill_time_share"] = {"online": mean(a, "prefill_time_share"), "online+batch": mean(b, "prefill_time_share")}
+    summary["tpot_ms_mean"] = {"online": mean(a, "tpot_ms_mean"), "online+batch": mean(b, "tpot_ms_mean")}
+    return summary
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -287,15 +365,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     s = result["summary"]
     names = ["online", "online+batch"]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    for ax, key, label in zip(axes[:3], ("total_tokens_per_s", "tpot_ms_p95", "gpu_util_mean"), ("total tokens/s", "online TPOT p95 (ms)", "GPU utilisation (%)")):
+    for ax, key, label in zip(axes[:3], ("total_tokens_per_s", "tpot_ms_p95", "gpu_util_mean"), ("total tokens/s", "online TPOT p95 (ms)", "GPU utilisation (%)"), strict=True):
         vals = [s[key][n] or 0 for n in names]
         ax.bar(names, vals, color=["tab:blue", "tab:orange"])
         ax.set_title(label)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
     ax = axes[3]
-    for n, color in zip(names, ("tab:blue", "tab:orange")):
-        tp = sorted(x for run in result["phases"][n] for x in run["tpot_ms"])
+    for n, color in zip(names, ("tab:blue", "tab:orange"), strict=True):
+        runs = result["phases"][n][-1:] if n == "online" and s.get("baseline") == "last" else result["phases"][n]
+        tp = sorted(x for run in runs for x in run["tpot_ms"])
         if tp:
             ax.plot(tp, np.linspace(0, 1, len(tp)), label=n, color=color)
     ax.set_xlabel("online TPOT per request (ms)")
@@ -312,9 +391,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--repeats", type=int, default=1, help="online / online+batch phase pairs")
+    ap.add_argument("--resummarize", type=Path, default=None, help="recompute the summary (and plot) of a results JSON")
+    ap.add_argument("--baseline", choices=("all", "last"), default="all", help="with --resummarize: which online phases are the baseline")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run(args.preset, args.out, args.repeats)
+    if args.resummarize is not None:
+        result = json.loads(args.resummarize.read_text())
+        result["summary"] = summarize(result, args.baseline)
+        args.resummarize.write_text(json.dumps(result, indent=1, default=str))
+        plot(result, args.resummarize.with_suffix(".png"))
+    else:
+        result = run(args.preset, args.out, args.repeats)
     print(json.dumps({k: v for k, v in result["summary"].items()}, indent=1))  # the CLI prints; the library logs
 
 

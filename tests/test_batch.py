@@ -12,7 +12,15 @@ import pandas as pd
 import pytest
 
 from blockllm.auth import create_key
-from blockllm.batch import cancel_job, generate_bag, generate_dataframe, generate_list, job_status, read_output, submit_job
+from blockllm.batch import (
+    cancel_job,
+    generate_bag,
+    generate_dataframe,
+    generate_list,
+    job_status,
+    read_output,
+    submit_job,
+)
 from blockllm.client import Client
 from blockllm.exceptions import (
     AuthenticationError,

@@ -54,7 +54,7 @@ def test_online_preempts_running_batch_and_batch_is_recomputed_exactly(tiny_zoo,
     alone = Engine(tiny_zoo, device="cpu")
     alone.load(MODEL)
     expected = {r.request_id: r for r in (_req(tok, "batch0", 0, BATCH_PRIORITY), _req(tok, "batch1", 1, BATCH_PRIORITY), _req(tok, "online", 2, ONLINE_PRIORITY))}
-    want = {rid: out.token_ids for rid, out in zip(expected, alone.generate(list(expected.values())))}
+    want = {rid: out.token_ids for rid, out in zip(expected, alone.generate(list(expected.values())), strict=True)}
 
     eng.add_request(expected["batch0"])
     eng.add_request(expected["batch1"])

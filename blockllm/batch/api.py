@@ -182,7 +182,7 @@ def run_prompts(
                 wires = [spec.wire(prompts[i]) for i in idx]
                 errors = rpc(host, "blockllm_submit", requests=wires)
                 retry = None
-                for i, w, err in zip(idx, wires, errors):
+                for i, w, err in zip(idx, wires, errors, strict=True):
                     if err is None:
                         inflight[w["request_id"]] = i
                     elif err.get("type") == OverloadedError.__name__:

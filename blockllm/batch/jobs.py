@@ -357,7 +357,7 @@ def submit_job(
         for i in todo
     ]
     futures = bl.dask.compute(tasks, retries=int(_config.get("batch.partition-retries", 2))) if tasks else []
-    index = {f.key: i for f, i in zip(futures, todo)}
+    index = {f.key: i for f, i in zip(futures, todo, strict=True)}
     if progress and futures:
         import threading
 

@@ -73,8 +73,8 @@ class Scheduler:
         # A step that prefills runs eagerly (no CUDA graph) and takes several decode steps' time;
         # while online work runs, batch prefill joins steps that prefill online work anyway, or
         # runs once `batch_interval` seconds passed without one, at most `batch_prefill` tokens.
-        self.batch_prefill = int(_config.get("batch.prefill-tokens", 256) if batch_prefill is None else batch_prefill)
-        self.batch_interval = float(_config.get("batch.prefill-interval", 0.05) if batch_interval is None else batch_interval)
+        self.batch_prefill = int(_config.get("batch.prefill-tokens", 512) if batch_prefill is None else batch_prefill)
+        self.batch_interval = float(_config.get("batch.prefill-interval", 0.5) if batch_interval is None else batch_interval)
         self._batch_prefilled = time.monotonic()  # when batch work last prefilled
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
