@@ -189,6 +189,8 @@ def test_cli_job_on_s3_with_status_and_cancel(acme, seaweed, s3_bucket, tmp_path
         assert res.exit_code != 0 and "MissingColumnError" in res.output
         res = runner.invoke(app, ["batch", "cancel", "s3job"])  # a finished job: stays done
         assert res.exit_code == 0 and "done" in res.output
+    with pytest.raises(OutputNotWritableError):  # not a valid bucket name
+        submit_job(f"s3://{s3_bucket}/batch/in.jsonl", "acme/tiny-full", client=acme, output="s3://Not_A_Bucket!/out", storage_options=seaweed.storage_options)
 
 
 def test_batch_jobs_of_two_tenants_share_a_host_by_tenant():

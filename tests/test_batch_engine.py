@@ -131,3 +131,25 @@ def test_batch_online_benchmark_cpu_preset_runs(tmp_path):
     assert s["total_tokens_per_s"]["online"] > 0 and s["batch_tokens_per_s"]["online+batch"] > 0
     assert s["tpot_ms_p95"]["online"] > 0 and s["tpot_ms_p95"]["online+batch"] > 0
     assert result["sweep"]  # the scheduler settings tried beside the defaults
+
+
+def test_host_hands_online_work_past_batch_work_the_engine_holds_back(tiny_zoo, tok):
+    """Batch requests waiting in the engine at their cap must not keep an online request in
+    admission (it would wait for a batch slot: online TTFT grew 8x on the H100 before this)."""
+    from blockllm.serving.admission import Ticket
+    from blockllm.serving.host import BlockHost
+
+    host = BlockHost(tiny_zoo.url)
+    host.engine, host.engine_waiting = _engine(tiny_zoo, limit=4, batch_share=0.25), 2  # batch cap: 1 row
+    sched = host.engine.scheduler
+    for i in range(4):
+        host.admission.offer(Ticket(_req(tok, f"batch{i}", i, BATCH_PRIORITY), "acme", MODEL, "batch"))
+    host._hand_out()
+    host.engine.step()
+    host._hand_out()
+    assert len(sched.running) == 1 and [s.is_batch for s in sched.waiting] == [True, True]  # slots full of batch
+    host.admission.offer(Ticket(_req(tok, "online", 0, ONLINE_PRIORITY), "globex", MODEL, "online"))
+    host._hand_out()
+    assert "online" in {s.req.request_id for s in sched.waiting}
+    host.engine.step()
+    assert "online" in _running(host.engine)
