@@ -24,6 +24,7 @@ import distributed
 from zoo_store import Zoo
 
 from . import config as _config
+from .auth import KeyRing
 from .exceptions import BlockLLMError, NoCapacityError, OverloadedError
 from .serving.admission import parse_priority
 from .serving.handoff import place_segments
@@ -122,6 +123,7 @@ class Client:
         self._inflight: Counter[str] = Counter()
         self._rr = itertools.count()
         self._replace_lock = threading.Lock()
+        self._keys: KeyRing | None = None
 
     # ------------------------------------------------------------------ cluster
     @property
@@ -181,6 +183,17 @@ class Client:
         self.dask.gather(futures)
         self.plan = plan
         return plan
+
+    def _tenant(self) -> str:
+        """The tenant of this client's API key (AuthenticationError if it is not a valid key)."""
+        if self._keys is None:
+            self._keys = KeyRing(self.zoo)
+        return self._keys.tenant(self.api_key)
+
+    def models(self) -> list[str]:
+        """The models this client's tenant may run: its own and the shared ones (all, with no key)."""
+        tenant = self._tenant() if self.api_key is not None else None
+        return sorted(m.key for m in self.zoo.list_models() if tenant is None or m.tenant == tenant or m.visibility == "shared")
 
     def loaded(self) -> dict[str, set[str]]:
         """worker -> models its block host takes requests for now (whole, or a split chain's first segment)."""
@@ -300,7 +313,7 @@ class Client:
         """A surviving worker for `model` (on a thread: placement blocks); re-places once per lost worker."""
         with self._replace_lock:
             if self.plan is not None and any(lost == w for w in self.plan.assignments):
-                models = sorted({m for ms in self.plan.assignments.values() for m in ms})
+                models = sorted({m for ms in self.plan.assignments.values() for m in ms} | {model})
                 for attempt in range(3):  # a worker that has just joined may not answer yet
                     try:
                         self.place(models)

@@ -67,9 +67,16 @@ class _RoundRobin:
             self.active.append(t.tenant)
         q.append(t)
 
-    def pop(self) -> Ticket | None:
+    def pop(self, skip: frozenset[str] = frozenset()) -> Ticket | None:
+        skipped = 0
         while self.active:
             tenant = self.active[0]
+            if tenant in skip:  # at its share of the engine: its turn passes
+                skipped += 1
+                if skipped >= len(self.active):
+                    return None
+                self.active.rotate(-1)
+                continue
             q = self.queues[tenant]
             head = q[0]
             if self.deficit[tenant] >= head.cost:
@@ -112,7 +119,7 @@ class Admission:
     ) -> None:
         self.max_per_tenant = int(max_per_tenant or _config.get("serving.max-queued-per-tenant", 256))
         self.max_per_model = int(max_per_model or _config.get("serving.max-queued-per-model", 1024))
-        quantum = int(quantum or _config.get("serving.fair-quantum", 256))
+        quantum = int(quantum or _config.get("serving.fair-quantum", 32))
         self._classes = {p: _RoundRobin(quantum) for p in PRIORITIES}
         self._tenants: Counter[str] = Counter()
         self._models: Counter[str] = Counter()
@@ -120,6 +127,19 @@ class Admission:
         self._rate = 0.0  # requests handed out per second (moving average), for Retry-After
         self._last_take = time.monotonic()
         self.rejected: Counter[str] = Counter()  # per tenant
+        self.last_seen: dict[str, float] = {}  # tenant -> when it last queued a request
+        self.share = float(_config.get("serving.tenant-share", 0.75))
+        self.window = float(_config.get("serving.fair-window", 10.0))
+
+    def at_share(self, in_engine: Counter[str], batch: int) -> frozenset[str]:
+        """Tenants holding their share of an engine batch of `batch` while other tenants were seen in
+        the last `serving.fair-window` seconds: their next requests wait, so a newcomer finds a free
+        slot instead of queueing behind a flood. Alone, a tenant may fill the whole batch."""
+        cap = max(1, int(batch * self.share))
+        now = time.monotonic()
+        with self._lock:
+            recent = {t for t, seen in self.last_seen.items() if now - seen < self.window}
+        return frozenset(t for t, n in in_engine.items() if n >= cap and recent - {t})
 
     def __len__(self) -> int:
         with self._lock:
@@ -129,39 +149,49 @@ class Admission:
         with self._lock:
             return self._tenants[tenant] if tenant is not None else sum(self._tenants.values())
 
+    def check(self, tenant: str, model: str) -> None:
+        """Raise OverloadedError now if a request of `tenant` for `model` would not fit (a cheap early refusal)."""
+        with self._lock:
+            self._check(tenant, model)
+
+    def _check(self, tenant: str, model: str) -> None:
+        if self._tenants[tenant] >= self.max_per_tenant:
+            self.rejected[tenant] += 1
+            raise OverloadedError(
+                f"tenant {tenant} has {self._tenants[tenant]} requests waiting on this worker "
+                f"(limit serving.max-queued-per-tenant = {self.max_per_tenant}); retry later",
+                retry_after=self._retry_after(self._tenants[tenant]),
+            )
+        if self._models[model] >= self.max_per_model:
+            self.rejected[tenant] += 1
+            raise OverloadedError(
+                f"model {model} has {self._models[model]} requests waiting on this worker "
+                f"(limit serving.max-queued-per-model = {self.max_per_model}); retry later",
+                retry_after=self._retry_after(self._models[model]),
+            )
+
     def offer(self, ticket: Ticket) -> None:
         """Queue a ticket, or raise OverloadedError (with a Retry-After estimate) when a bound is hit."""
         if ticket.priority not in self._classes:
             raise InvalidRequestError(f"priority must be one of {list(PRIORITIES)}, not {ticket.priority!r}")
         with self._lock:
-            if self._tenants[ticket.tenant] >= self.max_per_tenant:
-                self.rejected[ticket.tenant] += 1
-                raise OverloadedError(
-                    f"tenant {ticket.tenant} has {self._tenants[ticket.tenant]} requests waiting on this worker "
-                    f"(limit serving.max-queued-per-tenant = {self.max_per_tenant}); retry later",
-                    retry_after=self._retry_after(self._tenants[ticket.tenant]),
-                )
-            if self._models[ticket.model] >= self.max_per_model:
-                self.rejected[ticket.tenant] += 1
-                raise OverloadedError(
-                    f"model {ticket.model} has {self._models[ticket.model]} requests waiting on this worker "
-                    f"(limit serving.max-queued-per-model = {self.max_per_model}); retry later",
-                    retry_after=self._retry_after(self._models[ticket.model]),
-                )
+            self._check(ticket.tenant, ticket.model)
             self._classes[ticket.priority].push(ticket)
+            self.last_seen[ticket.tenant] = time.monotonic()
             self._tenants[ticket.tenant] += 1
             self._models[ticket.model] += 1
 
-    def take(self, online: int, batch: int = 0) -> list[Ticket]:
+    def take(self, online: int, batch: int = 0, skip: frozenset[str] = frozenset()) -> list[Ticket]:
         """Up to `online` tickets, online ones first in fair order; batch ones only when no online
-        ticket waits, and at most `batch` of them (the capacity online work leaves free)."""
+        ticket waits, and at most `batch` of them (the capacity online work leaves free). Tenants
+        in `skip` (at their share of the engine) get none this time."""
         out: list[Ticket] = []
         with self._lock:
-            while len(out) < online and (t := self._classes["online"].pop()) is not None:
+            while len(out) < online and (t := self._classes["online"].pop(skip)) is not None:
                 out.append(t)
             if not len(self._classes["online"]):  # batch work only fills what online work left free
                 room = min(online, len(out) + max(0, batch - len(out)))
-                while len(out) < room and (t := self._classes["batch"].pop()) is not None:
+                while len(out) < room and (t := self._classes["batch"].pop(skip)) is not None:
                     out.append(t)
             for t in out:
                 self._forget(t)

@@ -83,13 +83,14 @@ class BlockHost:
         self.max_queued = int(max_queued or _config.get("serving.max-queued", 4096))
         # Requests wait in admission; the engine sees at most `engine_waiting` of them ahead of its batch.
         self.admission = Admission()
-        self.engine_waiting = int(_config.get("serving.engine-waiting", 4))
+        self.engine_waiting = int(_config.get("serving.engine-waiting", 2))
         self.engine = None  # made on the stepping thread
         self.split = None  # handoff.SplitHost: chains split across workers (set by the plugin)
         self._inbox: queue.Queue = queue.Queue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._changed: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="blockllm-host", daemon=True)
@@ -108,6 +109,7 @@ class BlockHost:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._changed = asyncio.Event()
+        self._finished = asyncio.Event()
         self._thread.start()
 
     def stop(self) -> None:
@@ -121,9 +123,13 @@ class BlockHost:
         self._inbox.put((fn, args, fut))
         return fut
 
-    def _notify(self) -> None:
+    def _notify(self, finished: bool = True) -> None:
+        """Wake long polls: those waiting for tokens always, those waiting for ends when one finished
+        (so a poll for a few requests does not wake on every step of a busy engine)."""
         if self._loop is not None and self._changed is not None:
             self._loop.call_soon_threadsafe(self._changed.set)
+            if finished:
+                self._loop.call_soon_threadsafe(self._finished.set)
 
     def _run(self) -> None:
         from ..engine import Engine
@@ -168,12 +174,21 @@ class BlockHost:
         """Move requests from admission into the engine: a few at a time, fairly; batch ones only
         into the room that online work leaves in the engine's batch."""
         sched = self.engine.scheduler
-        room = self.engine_waiting - len(sched.waiting)
+        waiting_online = sum(s.req.priority >= ENGINE_PRIORITY["online"] for s in sched.waiting)
+        # batch sequences the engine holds back (its batch caps) never block an online hand-out
+        room = self.engine_waiting - waiting_online
         if room <= 0 or not len(self.admission):
             return
-        waiting_online = any(s.req.priority >= ENGINE_PRIORITY["online"] for s in sched.waiting)
-        batch_room = 0 if waiting_online else max(0, self.engine.max_batch_size - len(sched.running) - len(sched.waiting))
-        for t in self.admission.take(room, batch_room):
+        free = min(self.engine_waiting - len(sched.waiting), self.engine.max_batch_size - len(sched.running) - len(sched.waiting))
+        batch_room = 0 if waiting_online else max(0, free)
+        in_engine: Counter[str] = Counter()
+        with self._lock:
+            for seq in (*sched.running, *sched.waiting):
+                t = self._tracked.get(seq.req.request_id)
+                if t is not None:
+                    in_engine[t.tenant] += 1
+        skip = self.admission.at_share(in_engine, self.engine.max_batch_size)
+        for t in self.admission.take(room, batch_room, skip):
             try:
                 self.engine.add_request(t.request)
             except Exception as e:  # e.g. its model was unloaded while it waited: fail it, typed
@@ -185,6 +200,7 @@ class BlockHost:
 
     def _record(self, outputs) -> None:
         now = time.monotonic()
+        any_finished = False
         with self._lock:
             for out in outputs:
                 t = self._tracked.get(out.request_id)
@@ -194,6 +210,7 @@ class BlockHost:
                     t.first_token = now
                 t.token_ids = [*t.prefix, *out.token_ids]
                 if out.finished:
+                    any_finished = True
                     text = out.text
                     if t.prefix and out.finish_reason != "abort":
                         text = self._resumed_text(t)
@@ -206,7 +223,7 @@ class BlockHost:
                     for a, b in zip(out.blocks, out.blocks[1:]):
                         self.transitions[(a, b)] += 1
         if outputs:
-            self._notify()
+            self._notify(finished=any_finished)
 
     def _resumed_text(self, t: _Tracked) -> str | None:
         """The text of a resumed request: all its tokens decoded at once, cut at a stop string."""
@@ -280,10 +297,16 @@ class BlockHost:
                 if queued >= self.max_queued:
                     raise OverloadedError(f"this worker holds {queued} requests already (serving.max-queued)", retry_after=1.0)
                 wire = parse_request(raw)
+                tenant = self.keys.tenant(wire.api_key)
+                self.admission.check(tenant, wire.model)  # a flood is refused before any work on it
                 req, tenant, substitutions = self._prepare(wire)
                 split = self.split.driver if self.split is not None and self.split.driver.serves(req.model) else None
                 if split is None:
-                    self._call(lambda e, r=req: e.check_request(r)).result()
+                    engine = self.engine
+                    if engine is not None:  # its checks only read: no hop to the stepping thread
+                        engine.check_request(req)
+                    else:
+                        self._call(lambda e, r=req: e.check_request(r)).result()
                 with self._lock:
                     if req.request_id in self._tracked:
                         raise BlockLLMError(f"request id {req.request_id} is already in use")
@@ -368,9 +391,10 @@ class BlockHost:
         """Long poll: the new tokens of `ids` (from `offsets`), once any changed or `timeout` passed."""
         offsets = offsets or [0] * len(ids)
         deadline = time.monotonic() + timeout
+        event = self._finished if until_finished else self._changed
         while True:
-            assert self._changed is not None
-            self._changed.clear()
+            assert event is not None
+            event.clear()
             with self._lock:
                 states = {rid: self._tracked.get(rid) for rid in ids}
                 ready = any(
@@ -385,7 +409,7 @@ class BlockHost:
                             self._tracked.pop(rid, None)  # delivered: forget it
                     return out
             try:
-                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 pass
 
