@@ -96,6 +96,22 @@ def test_bag_and_list(acme):
     assert generate_list(ps, "acme/tiny-full", sampling=SAMPLING, client=acme) == want
 
 
+def test_prompts_move_to_the_next_host_when_one_is_gone(acme):
+    from blockllm.batch.api import BatchSpec, host_order, run_prompts
+
+    live = tuple(sorted(w for w, models in acme.loaded().items() if "acme/tiny-full" in models))
+    hosts = ("tcp://127.0.0.1:9", *live)  # nothing listens on port 9: a lost worker
+    ps = next(prompts(6, k) for k in range(50) if host_order(hosts, None, prompts(6, k))[0] == hosts[0])
+    spec = BatchSpec("acme/tiny-full", acme.api_key, SAMPLING, hosts, max_inflight=4)
+    pool, saved = acme.dask.rpc, acme.dask.rpc.timeout
+    pool.timeout = 1.0  # seconds to give up connecting (the client's default is 30)
+    try:
+        got = run_prompts(ps, spec, dask_client=acme.dask)
+    finally:
+        pool.timeout = saved
+    assert got == [c.text for c in acme.generate(ps, "acme/tiny-full", SAMPLING)]
+
+
 def test_bad_inputs_are_typed_errors_before_any_work(acme, tmp_path, tiny_zoo):
     ddf = dd.from_pandas(pd.DataFrame({"prompt": prompts(4), "n": range(4)}), npartitions=2)
     before = _traffic(acme)

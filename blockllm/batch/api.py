@@ -4,6 +4,7 @@ run through the block hosts at "batch" priority so that it fills what online tra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from ..exceptions import (
     InvalidPromptError,
     JobCancelledError,
     MissingColumnError,
+    NoCapacityError,
     OverloadedError,
 )
 from ..serving.wire import error_from_wire
@@ -149,6 +151,16 @@ class _Rpc:
         return distributed.utils.sync(self._loop, call)
 
 
+def host_order(hosts: Sequence[str], here: str | None, prompts: Sequence[str]) -> list[str]:
+    """The hosts a partition tries in turn: this worker's own first, then the others from a
+    starting point that depends on the prompts (partitions spread over the hosts)."""
+    others = sorted(h for h in hosts if h != here)
+    if others:
+        k = int.from_bytes(hashlib.sha256("\n".join(prompts[:4]).encode()).digest()[:4], "big") % len(others)
+        others = others[k:] + others[:k]
+    return ([here] if here in hosts else []) + others
+
+
 def run_prompts(
     prompts: Sequence[str],
     spec: BatchSpec,
@@ -156,17 +168,31 @@ def run_prompts(
     dask_client: distributed.Client | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> list[str]:
-    """Complete `prompts` on one block host at batch priority, at most spec.max_inflight at a time.
+    """Complete `prompts` at batch priority on a block host, at most spec.max_inflight at a time.
 
-    Hosts that are full (OverloadedError) are retried after their Retry-After; any other error is
-    raised typed after aborting what this call still has in flight. `cancelled()` is asked between
-    polls: when it says so, the requests are aborted and JobCancelledError is raised.
+    A host that cannot be reached (its worker lost) hands what is left to the next host of the
+    model; one that is full (OverloadedError) is retried after its Retry-After; any other error
+    is raised typed after aborting what this call still has in flight. `cancelled()` is asked
+    between polls: when it says so, the requests are aborted and JobCancelledError is raised.
     """
     prompts = check_prompts(prompts)
     rpc = _Rpc(dask_client)
-    host = rpc.here if rpc.here in spec.hosts else spec.hosts[uuid.uuid4().int % len(spec.hosts)]
     results: list[str | None] = [None] * len(prompts)
-    pending = deque(range(len(prompts)))
+    hosts = host_order(spec.hosts, rpc.here, prompts)
+    last: BaseException | None = None
+    for host in hosts:
+        try:
+            _complete_on(host, rpc, prompts, results, spec, cancelled)
+            return [r or "" for r in results]
+        except OSError as e:  # comm closed / refused / timed out: the worker is gone
+            last = e
+            log.warning("block host %s failed (%r); %d prompts go to the next host", host, e, sum(r is None for r in results))
+    raise NoCapacityError(f"no block host of {spec.model} answered ({len(hosts)} tried); last: {last!r}")
+
+
+def _complete_on(host: str, rpc: _Rpc, prompts: list[str], results: list[str | None], spec: BatchSpec, cancelled: Callable[[], bool] | None) -> None:
+    """Fill the missing `results` from one host."""
+    pending = deque(i for i, r in enumerate(results) if r is None)
     inflight: dict[str, int] = {}
     overloaded_since: float | None = None
     last_check = 0.0
@@ -214,7 +240,6 @@ def run_prompts(
             except Exception:  # the host is gone: nothing left to abort there
                 log.debug("could not abort %d batch requests on %s", len(inflight), host, exc_info=True)
         raise
-    return [r or "" for r in results]
 
 
 # ------------------------------------------------------------------------------ Dask collections
