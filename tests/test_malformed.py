@@ -70,3 +70,13 @@ def test_checkpoint_configs_change_nothing(case, tiny_family, tmp_path):
     with pytest.raises(error_class(case["error"])):
         ingest(zoo, d, tenant="acme", name="bad")
     assert zoo.list_blocks(include_incomplete=True) == [] and zoo.list_models() == []
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if c["kind"] in ("request", "sampling")], ids=lambda c: f"{c['kind']}:{c['what']}")
+def test_wire_requests_and_sampling(case):
+    """What a block host gets over the wire (serving/wire.py parse_request), each with its typed error."""
+    from blockllm.serving.wire import parse_request
+
+    raw = case["input"] if case["kind"] == "request" else {"request_id": "r", "model": "acme/m", "prompt": "hi", "sampling": case["input"]}
+    with pytest.raises(error_class(case["error"])):
+        parse_request(raw)
