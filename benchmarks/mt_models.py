@@ -18,7 +18,6 @@ from blockllm.engine.source import make_spec
 from blockllm.engine.weights import embed_block, head_block, layer_block
 from blockllm.families.llama import arch_of
 from zoo_store import AdapterRef, Block, BlockNotFoundError, BlockSpec, Manifest, ModelNotFoundError
-from zoo_store.fingerprint import tensor_specs
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -293,4 +292,4 @@ def write_zoo(ms: ModelSet, zoo: Any, variants: list[Variant]) -> list[Manifest]
     return out
 
 
-__all__ = ["ModelSet", "Shape", "SyntheticSource", "Variant", "instance_tensors", "model_tensors", "write_zoo", "tensor_specs"]
+__all__ = ["ModelSet", "Shape", "SyntheticSource", "Variant", "instance_tensors", "model_tensors", "write_zoo"]

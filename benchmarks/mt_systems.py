@@ -480,7 +480,7 @@ def hf_reference(ms: Any, trace: list, vocab: int, seed: int, max_new: int, max_
                            do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0)  # fmt: skip
         sync(device)
         end = time.perf_counter()
-        steps.extend(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
+        steps.extend(b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False))
         for k, i in enumerate(batch):
             r = log_.recs[f"hf{i}"]
             r.first = clock.times[0] - t0 - offset

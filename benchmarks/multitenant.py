@@ -27,7 +27,18 @@ import numpy as np
 import torch
 
 from .mt_models import ModelSet, Shape, SyntheticSource, model_tensors, write_zoo
-from .mt_systems import DirectSystem, GpuSampler, GroupEngine, RunLog, ServingRun, SlotSystem, drive, hf_reference, summarize, sync
+from .mt_systems import (
+    DirectSystem,
+    GpuSampler,
+    GroupEngine,
+    RunLog,
+    ServingRun,
+    SlotSystem,
+    drive,
+    hf_reference,
+    summarize,
+    sync,
+)
 from .workload import WorkloadConfig, generate
 
 log = logging.getLogger("benchmarks.multitenant")
@@ -178,8 +189,9 @@ class Bench:
         sysres["peak_gpu_bytes"] = _peak(self.device)
         if self.profile and profiled is not None and not self.over_budget():
             # a separate, shorter replay of the highest rate: the profiler's overhead stays out of the numbers above
-            rl = profiled(self.traces[max(self.p.rates)], 2.6)
-            sysres["profile"] = {"rate": max(self.p.rates), "window": [1.0, 2.5], **rl.extra.get("profile", {})}
+            t0 = min(1.0, self.p.duration / 4)
+            rl = profiled(self.traces[max(self.p.rates)], (t0, t0 + 1.5))
+            sysres["profile"] = {"rate": max(self.p.rates), "window": [t0, t0 + 1.5], **rl.extra.get("profile", {})}
         self.save()
 
     def blockllm_serving(self) -> None:
@@ -223,8 +235,8 @@ class Bench:
                 "weight_bytes_gpu": eng.stats().weight_bytes}  # fmt: skip
         system = DirectSystem(eng, {v.name: v.manifest.key for v in self.ms.variants})
         self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
-                    lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl, (1.0, 2.5)))
-        del system, eng
+                    lambda tr, w: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w))
+        system = eng = None  # free the weights before the next system
         _free(self.device)
 
     def host_copies(self, slot_engine: Any, slot_key: str, variants: list[str]) -> dict[str, list[torch.Tensor]]:
@@ -259,8 +271,8 @@ class Bench:
                 "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
         self._sweep("per_model", lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
-                    lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl, (1.0, 2.5)))
-        del system, eng
+                    lambda tr, w: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w))
+        system = eng = None  # free the weights before the next system
         _free(self.device)
 
     def lora_only(self) -> None:
@@ -280,7 +292,7 @@ class Bench:
         info = {"how": "GroupEngine: the 6 LoRA variants batched together on one base; partial/full fine-tunes as in per_model",
                 "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct}  # fmt: skip
         self._sweep("lora_only", lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info)
-        del system, eng
+        system = eng = None  # free the weights before the next system
         _free(self.device)
 
     def transformers_ref(self) -> None:
