@@ -232,7 +232,7 @@ def run(flood_s: float = 60.0, unloaded_s: float = 20.0, quiet_rate: float = 2.0
         "device": _device(),
         "model": MODEL,
         "engine_max_batch": max_batch,
-        "config": {k: _config.get(f"serving.{k}") for k in ("max-queued-per-tenant", "max-queued-per-model", "engine-waiting", "fair-quantum")},
+        "config": {k: _config.get(f"serving.{k}") for k in ("max-queued-per-tenant", "max-queued-per-model", "engine-waiting", "fair-quantum", "tenant-share", "fair-window")},
         "capacity_requests_per_s": capacity,
         "flood": {"factor": factor, "rate_requests_per_s": factor * capacity, "seconds": flood_s, "tokens_per_request": FLOOD_TOKENS, **flood_counts},
         "quiet": {
