@@ -247,9 +247,9 @@ class Client:
         pending: dict[str, tuple[dict, Future, list[int]]] = {}
         try:
             try:
-                sent = [dict(w, resume_token_ids=list(toks)) if toks else w for w, toks in zip(wires, received)]
+                sent = [dict(w, resume_token_ids=list(toks)) if toks else w for w, toks in zip(wires, received, strict=True)]
                 errors = await self.dask.rpc(worker).blockllm_submit(requests=sent)
-                for w, f, toks, err in zip(wires, futures, received, errors):
+                for w, f, toks, err in zip(wires, futures, received, errors, strict=True):
                     if err is not None:
                         f.set_exception(error_from_wire(err))
                     else:
@@ -271,7 +271,7 @@ class Client:
                         else:
                             f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(toks), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency"), tuple(st.get("substitutions", ()))))
             except OSError as e:  # distributed's CommClosedError and connect failures are OSErrors
-                left = [(w, f, toks) for w, f, toks in zip(wires, futures, received) if not f.done()]
+                left = [(w, f, toks) for w, f, toks in zip(wires, futures, received, strict=True) if not f.done()]
                 if not left or not await self._worker_left(worker):
                     raise
                 log.warning("worker %s was lost with %d requests in flight (%r); resubmitting them elsewhere", worker, len(left), e)

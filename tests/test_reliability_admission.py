@@ -157,7 +157,7 @@ def test_a_flooding_tenant_is_refused_and_a_quiet_one_still_served(live):
     errors = host.submit(flood)
     refused = [e for e in errors if e is not None]
     assert refused and all(e["type"] == "OverloadedError" and e["retry_after"] > 0 for e in refused)
-    accepted = [w["request_id"] for w, e in zip(flood, errors) if e is None]
+    accepted = [w["request_id"] for w, e in zip(flood, errors, strict=True) if e is None]
     assert 24 <= len(accepted) < 96
     waiting = []
     quiet = []
