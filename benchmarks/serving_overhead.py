@@ -162,14 +162,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any]:
+def run(preset: str, out_dir: Path, zoo_url: str | None = None, repeats: int | None = None, batches: list[int] | None = None) -> dict[str, Any]:
     from dataclasses import asdict
 
     from blockllm import config as _config
     from blockllm.engine import Engine
     from zoo_store import Zoo
 
-    p = PRESETS[preset]
+    p = dict(PRESETS[preset])
+    p["repeats"] = repeats or p["repeats"]
+    p["batches"] = batches or p["batches"]
     settings = apply_settings()
     zoo_url = zoo_url or (Path(_config.cache_dir()) / f"bench-zoo-{p['shape'].name}").as_uri()
     t = time.perf_counter()
@@ -226,9 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--zoo", default=None, help="zoo URL for the random model (default: under the cache dir)")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating bare/served runs per batch (default: the preset's)")
+    ap.add_argument("--batches", default="", help="comma list of batch sizes (default: the preset's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    r = run(args.preset, args.out, args.zoo)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    r = run(args.preset, args.out, args.zoo, args.repeats, batches or None)
     for row in r["batches"]:
         print(f"batch {row['batch']:>3}: bare {row['bare_step_ms']:.3f} ms  served {row['served_step_ms']:.3f} ms  overhead {row['overhead_pct']:+.1f}%")
 
