@@ -414,8 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 1.5 s of an extra replay of the highest rate (engine-driven systems)")
     ap.add_argument("--budget", type=float, default=None, help="seconds after which no new run starts")
+    ap.add_argument("--rates", default="", help="comma list of arrival rates, requests/s (default: the preset's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.rates:
+        PRESETS[args.preset].rates = [float(r) for r in args.rates.split(",")]
     for noisy in ("distributed", "blockllm.engine.loading"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.budget is not None:

@@ -324,6 +324,39 @@ def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
     assert done[doomed.request_id].finish_reason == "abort" and eng.stats().kv_pages_used == 0
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_steps_mixing_prefills_and_decodes_split_into_a_graph_decode_and_an_eager_prefill(
+    tiny_zoo, tiny_family, tok, refs, split
+):
+    """engine.split-mixed-steps: the decode rows of a mixed step replay their (emulated) graph,
+    the prefill chunks run eagerly beside them; outputs stay those of transformers either way."""
+    from blockllm.engine.graphs import GraphCache
+
+    eng = engine_for(tiny_zoo, tiny_family, prefill_chunk=3)  # prompts take several steps, beside decodes
+    eng.cuda_graphs, eng.graphs, eng.split_mixed = True, GraphCache(emulate=True), split
+    replays = []
+    run_lane = eng._run_lane
+    eng._run_lane = lambda lane, groups: replays.append(  # which forwards each step ran: decode or not
+        all(n == 1 for _, ms in groups for _, n in ms)
+    ) or run_lane(lane, groups)
+    batch = [req(m.key, i, tok) for m in members(tiny_family) for i in (0, 1, 4)]
+    eng.add_request(batch[0])
+    eng.step()  # batch[0] prefilled (3 tokens) ...
+    for r in batch[1:]:
+        eng.add_request(r)  # ... the rest arrive while it decodes
+    outs = {}
+    while eng.has_unfinished():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    for r in batch:
+        key, i = r.request_id.split("#")
+        assert list(outs[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+    captured = eng.stats().graphs_captured
+    if split:  # mixed steps ran their decode rows on graphs: more graph steps than without
+        assert captured > 0 and replays.count(True) > 0 and replays.count(False) > 0
+    else:
+        assert not any(replays[1 : replays.index(True)] if True in replays else replays[1:])
+
+
 def test_rmsnorm_folded_into_the_gemms_still_matches_transformers(tiny_zoo, tiny_family, tok, refs):
     """The CUDA weight layout (norm weights folded into q/k/v, gate/up and LoRA A), run on CPU."""
     eng = Engine(tiny_zoo, device="cpu")

@@ -28,7 +28,7 @@ from .loading import LoadedModel, ModelLoading
 from .pipeline import PipelinedDecode, _Inflight
 from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
 from .sampling import make_generator, sample
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, Sequence, decodes as _decodes
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ class Engine(ModelLoading, PipelinedDecode):
         self._arrivals = itertools.count()
         self._plans: dict[tuple, tuple[Plan, np.ndarray, torch.Tensor | None]] = {}
         self._inflight: _Inflight | None = None
-        self.graphs = GraphCache()
+        self.graphs = GraphCache(int(_config.get("engine.graph-cache", 48)))
+        self.split_mixed = bool(_config.get("engine.split-mixed-steps", True))
         self.steps = 0
         self.tokens_generated = 0
         self.last_batch: dict[str, int] = {}
@@ -282,7 +283,8 @@ class Engine(ModelLoading, PipelinedDecode):
             for lane_key, classes in by_lane.items():
                 lane = self.lanes[lane_key]
                 groups = [classes[k] for k in sorted(classes)]
-                results.append(self._run_lane(lane, groups))
+                for part in self._split_mixed(groups):
+                    results.append(self._run_lane(lane, part))
         self.steps += 1
         for groups, toks, lps in results:
             k = 0
@@ -294,6 +296,26 @@ class Engine(ModelLoading, PipelinedDecode):
                         outputs.append(self._output(seq))
                         k += 1
         return outputs
+
+    def _split_mixed(self, groups: list) -> list[list]:
+        """A step that mixes decodes with prefill chunks, as two forwards (`engine.split-mixed-steps`).
+
+        One mixed forward cannot replay a captured graph, so every arrival would run the whole
+        batch eagerly, every class's blocks launched from Python. Split, the decode rows replay
+        their decode graph and only the prefilling classes run eagerly. Each row's math is the same
+        either way; a shared block then runs twice in such a step, once per part.
+        """
+        if not self.split_mixed:
+            return [groups]
+        decode, prefill = [], []
+        for cls, members in groups:
+            d = [(seq, n) for seq, n in members if _decodes(seq, n)]
+            p = [(seq, n) for seq, n in members if not _decodes(seq, n)]
+            if d:
+                decode.append((cls, d))
+            if p:
+                prefill.append((cls, p))
+        return [part for part in (decode, prefill) if part] if decode and prefill else [groups]
 
     def _count(self, work: list[tuple[Sequence, int]]) -> None:
         per_cls: dict[int, list] = {}
@@ -326,7 +348,7 @@ class Engine(ModelLoading, PipelinedDecode):
             )
             for cls, members in groups
         ]
-        decode = all(n == 1 for _, members in groups for _, n in members)
+        decode = all(_decodes(seq, n) for _, members in groups for seq, n in members)
         if decode:
             sig, plan = self._decode_plan(lane, groups, item_groups)
             if self.cuda_graphs and ops._pow2(

@@ -19,7 +19,7 @@ from ..types import RequestOutput
 from . import ops
 from .forward import Lane, run_plan
 from .plan import Item, Plan, bucket, build_plan, fill_inputs
-from .scheduler import Sequence
+from .scheduler import Sequence, decodes
 
 
 class _HostEvent:
@@ -55,7 +55,7 @@ class PipelinedDecode:
 
     def _pipelined(self, work: list[tuple[Sequence, int]]) -> bool:
         """Greedy decode steps on CUDA graphs run one step ahead of the host's bookkeeping."""
-        if not self.cuda_graphs or any(n != 1 for _, n in work):
+        if not self.cuda_graphs or not all(decodes(seq, n) for seq, n in work):
             return False
         seq = work[0][0]
         if not ops._pow2(seq.model.lane.pool.head_dim):

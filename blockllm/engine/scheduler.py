@@ -51,6 +51,11 @@ class Sequence:
         return self.req.priority <= BATCH_PRIORITY
 
 
+def decodes(seq: Sequence, n: int) -> bool:
+    """One token that samples the next: a decode (a 1-token chunk inside a prompt is a prefill)."""
+    return n == 1 and seq.computed + 1 == len(seq.tokens)
+
+
 class Scheduler:
     """Waiting and running sequences; `schedule()` picks each step's work: (sequence, tokens)."""
 
