@@ -57,10 +57,10 @@ def _prompts(seed: int, n: int) -> list[str]:
 
 def _flood(address: str, key: str, zoo_url: str, rate: float, duration: float, out: mp.Queue) -> None:
     """The flooding tenant (its own process): `rate` requests/s, open loop, for `duration` s."""
+    import os
+
     from blockllm.client import Client, GenerationRequest
     from blockllm.exceptions import OverloadedError
-
-    import os
 
     # On a small shared box the flooding client would otherwise take CPU from the server it floods;
     # niced, it stands for a client on another machine (what is measured is the server's fairness).
@@ -163,13 +163,12 @@ def _p(xs: list[float], q: float) -> float | None:
 def run(flood_s: float = 60.0, unloaded_s: float = 20.0, quiet_rate: float = 2.0, factor: float = 10.0, max_batch: int = 8) -> dict:
     import distributed
 
+    from blockllm import config as _config
     from blockllm.auth import create_key
     from blockllm.client import Client, GenerationRequest
     from blockllm.demo import ingest_family
     from blockllm.model_sets import build_tiny_family
     from zoo_store import Zoo
-
-    from blockllm import config as _config
 
     zoo_dir = _config.cache_dir() / "bench-flood-zoo"
     zoo = Zoo(zoo_dir.as_uri())
@@ -195,7 +194,9 @@ def run(flood_s: float = 60.0, unloaded_s: float = 20.0, quiet_rate: float = 2.0
         capacity = n_cap / (time.monotonic() - t0)
 
         rss = _RSS(pid)
-        unloaded = _quiet(quiet, quiet_rate, unloaded_s, seed=3)
+        # The unloaded baseline is taken half before and half after the flood, so that a change in
+        # other load on the machine during the run weighs on both sides of the ratio alike.
+        before = _quiet(quiet, quiet_rate, unloaded_s / 2, seed=3)
         rss_before_flood = max(r for _, r in rss.samples)
         t_flood = time.monotonic() - rss._t0
         ctx = mp.get_context("spawn")
@@ -223,6 +224,12 @@ def run(flood_s: float = 60.0, unloaded_s: float = 20.0, quiet_rate: float = 2.0
         flooder.join(60)
         stop_stats.set()
         watcher.join(5)
+        time.sleep(2.0)  # the flood's last requests drain
+        t_after = time.monotonic() - rss._t0
+        after = _quiet(quiet, quiet_rate, unloaded_s / 2, seed=5)
+        for r in after:
+            r["t"] += t_after - t_flood + 5.0  # on the plot: after the flood
+        unloaded = before + after
         rss_samples = rss.stop()
 
     lat_u = [r["latency"] for r in unloaded if r["error"] is None]
@@ -242,9 +249,10 @@ def run(flood_s: float = 60.0, unloaded_s: float = 20.0, quiet_rate: float = 2.0
             "under_flood": {"n": len(loaded), "errors": sum(r["error"] is not None for r in loaded), "p50_s": _p(lat_f, 50), "p95_s": _p(lat_f, 95)},
         },
         "p95_ratio": (_p(lat_f, 95) / _p(lat_u, 95)) if lat_u and lat_f else None,
+        "unloaded_p95_before_and_after_flood_s": [_p([r["latency"] for r in before if r["error"] is None], 95), _p([r["latency"] for r in after if r["error"] is None], 95)],
         "worker_rss_bytes": {
             "before_flood_peak": rss_before_flood,
-            "during_flood_peak": max((r for t, r in rss_samples if t >= t_flood), default=None),
+            "during_flood_peak": max((r for t, r in rss_samples if t_flood <= t < t_after), default=None),
             "end": rss_samples[-1][1] if rss_samples else None,
         },
         "admission_peak_queued_per_tenant": admission_peak,
