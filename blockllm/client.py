@@ -21,7 +21,7 @@ from typing import Any
 
 import distributed
 
-from zoo_store import Zoo
+from zoo_store import Zoo, ZooError
 
 from . import config as _config
 from .auth import KeyRing
@@ -339,26 +339,42 @@ class Client:
         return [f.result(timeout) for f in self.submit(reqs)]
 
     def stream(self, request: GenerationRequest) -> Iterator[list[int]]:
-        """Yield lists of new token ids as the request produces them."""
-        worker = self._route(request.model)
+        """Yield lists of new token ids as the request produces them; if its worker is lost midway,
+        the stream goes on from a surviving worker, resumed from the tokens already yielded."""
         wire = request.to_wire(self.api_key)
+        received: list[int] = []
+        worker = self._route(request.model)
+        while True:
+            try:
+                yield from self._stream_from(worker, wire, received)
+                return
+            except OSError as e:  # distributed's comm errors; failover only once the scheduler says so
+                if isinstance(e, (BlockLLMError, ZooError)):  # a typed error from the host (ZooUnavailableError)
+                    raise
+                if not self.dask.sync(self._worker_left, worker):
+                    raise BlockLLMError(f"worker {worker} failed: {e!r}") from e
+                log.warning("worker %s was lost during a stream (%r); resuming it elsewhere", worker, e)
+                worker = self._reroute(request.model, worker)
+
+    def _stream_from(self, worker: str, wire: dict, received: list[int]) -> Iterator[list[int]]:
+        rid = wire["request_id"]
+        sent = dict(wire, resume_token_ids=list(received)) if received else wire
 
         async def submit():
-            return await self.dask.rpc(worker).blockllm_submit(requests=[wire])
+            return await self.dask.rpc(worker).blockllm_submit(requests=[sent])
 
         async def poll(offset):
-            return await self.dask.rpc(worker).blockllm_poll(ids=[request.request_id], offsets=[offset], timeout=5.0)
+            return await self.dask.rpc(worker).blockllm_poll(ids=[rid], offsets=[offset], timeout=5.0)
 
         (err,) = self.dask.sync(submit)
         if err is not None:
             raise error_from_wire(err)
-        offset = 0
         while True:
-            st = self.dask.sync(poll, offset)[request.request_id]
+            st = self.dask.sync(poll, len(received))[rid]
             if st.get("error"):
                 raise error_from_wire(st["error"])
             if st["token_ids"]:
-                offset += len(st["token_ids"])
+                received.extend(st["token_ids"])
                 yield list(st["token_ids"])
             if st["finished"]:
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -47,25 +48,34 @@ def test_killing_a_worker_mid_flight_loses_no_request_and_changes_no_output(dask
     victim = max(client.workers, key=lambda w: len(client.plan.assignments.get(w, ())))
     on_victim = list(client.plan.assignments[victim])  # every request below runs there
     t0 = time.monotonic()
-    reference = {c.request_id: c.token_ids for c in (f.result(300) for f in client.submit(requests(40, on_victim)))}
+    reference = {c.request_id: c.token_ids for c in (f.result(300) for f in client.submit(requests(41, on_victim)))}
+    stream_reference = reference.pop("r40")
     clean_s = time.monotonic() - t0
 
     t0 = time.monotonic()
     futures = client.submit(requests(40, on_victim))
+    streamed: list[int] = []  # and one stream, read on a thread while its worker dies
+    stream_req = requests(41, on_victim)[40]
+    reader = threading.Thread(target=lambda: [streamed.extend(ids) for ids in client.stream(stream_req)], daemon=True)
+    reader.start()
     before = client.stats()[victim]["engine"]["tokens_generated"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until the victim has made some tokens, so resuming matters
-        if client.stats()[victim]["engine"]["tokens_generated"] - before > 100:
+        if client.stats()[victim]["engine"]["tokens_generated"] - before > 100 and streamed:
             break
         time.sleep(0.02)
     in_flight = sum(not f.done() for f in futures)
+    streamed_at_kill = len(streamed)
     pid = dask_client.run(os.getpid, workers=[victim])[victim]
     os.kill(pid, signal.SIGKILL)
     got = [f.result(240) for f in futures]  # raises if any request was lost
-    print(f"\nworker loss: {in_flight} in flight at the kill, 0 lost, {len(got)} identical; "
+    reader.join(240)
+    print(f"\nworker loss: {in_flight} in flight at the kill (and a stream {streamed_at_kill} tokens in), 0 lost, {len(got)} identical; "
           f"{time.monotonic() - t0:.1f} s with the fault vs {clean_s:.1f} s without")
 
     assert in_flight >= 32
     assert victim not in client.workers
     assert {c.request_id: c.token_ids for c in got} == reference
+    assert not reader.is_alive() and tuple(streamed) == stream_reference  # the stream resumed, same tokens
+    assert 0 < streamed_at_kill < N_NEW
     assert all(c.worker != victim and len(c.token_ids) == N_NEW for c in got)  # finished on survivors
