@@ -18,10 +18,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic_zoo import add_model, random_state, tiny_config
 
 from blockllm.exceptions import UnknownModelError
 from blockllm.types import Request, SamplingParams
-from synthetic_zoo import add_model, random_state, tiny_config
 from zoo_store import BlockSpec, Manifest, TensorSpec, Zoo, ZooCorruptionError, ZooUnavailableError
 
 # botocore retries a refused connection itself for ~5 s; one try each keeps the test short and
@@ -116,7 +116,10 @@ def _loop_thread():
 # ------------------------------------------------------------------ the object store goes away
 @pytest.mark.slow
 @pytest.mark.s3
-def test_seaweedfs_restarted_while_blocks_load_then_stopped_for_good(tmp_path):
+def test_seaweedfs_restarted_while_blocks_load_then_stopped_for_good(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="zoo_store.retry")
     from seaweed import start_seaweed
 
     server = start_seaweed(tmp_path / "weed")
@@ -145,14 +148,15 @@ def test_seaweedfs_restarted_while_blocks_load_then_stopped_for_good(tmp_path):
             t = threading.Thread(target=load)
             t.start()
             time.sleep(0.3)
-            server.stop()
+            server.stop(grace=0)  # SIGKILL: the store vanishes mid-read
             time.sleep(2.0)
             server.restart()
             t.join(120)
         assert not t.is_alive()
         assert loaded.get("greedy") == expected, loaded.get("error")
+        assert any("unreachable" in r.getMessage() for r in caplog.records)  # the load did meet the outage
 
-        server.stop()  # now for good: a typed error after bounded tries, never a hang
+        server.stop(grace=0)  # now for good: a typed error after bounded tries, never a hang
         gone = Zoo(url, storage_options=options, read_only=True)
         started = time.monotonic()
         with dask.config.set({"blockllm.zoo.retry.attempts": 3, "blockllm.zoo.retry.backoff": 0.1, "blockllm.zoo.retry.deadline": 20}):
