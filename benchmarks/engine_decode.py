@@ -41,13 +41,14 @@ class Shape:
     kv_heads: int
     vocab: int
 
-    def config(self) -> dict[str, Any]:
+    def config(self, max_positions: int = 4096) -> dict[str, Any]:
+        """A transformers LlamaConfig dict of this shape."""
         return {
             "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": self.hidden,
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
             "head_dim": self.hidden // self.heads, "vocab_size": self.vocab, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": max_positions,
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
             "bos_token_id": 1, "eos_token_id": 2,
         }  # fmt: skip

@@ -14,34 +14,13 @@ from typing import Any
 
 import torch
 
+from benchmarks.engine_decode import Shape
 from blockllm.engine.source import make_spec
 from blockllm.engine.weights import embed_block, head_block, layer_block
 from blockllm.families.llama import arch_of
 from zoo_store import AdapterRef, Block, BlockNotFoundError, BlockSpec, Manifest, ModelNotFoundError
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    def config(self, max_positions: int = 4096) -> dict[str, Any]:
-        return {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-            "head_dim": self.hidden // self.heads, "vocab_size": self.vocab, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": max_positions,
-            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-            "bos_token_id": 1, "eos_token_id": 2,
-        }  # fmt: skip
 
 
 def _seed(name: str) -> int:

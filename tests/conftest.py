@@ -64,3 +64,11 @@ def tiny_zoo(tmp_path_factory, tiny_family):
     zoo = Zoo((tmp_path_factory.mktemp("tinyzoo") / "zoo").as_uri())
     ingest_family(zoo, tiny_family)
     return zoo
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_zoo):
+    """The tiny family's tokenizer, as the engine loads it from the zoo."""
+    from blockllm.chain import load_tokenizer
+
+    return load_tokenizer(tiny_zoo, "platform/tiny-base")

@@ -28,3 +28,15 @@ def greedy(model, prompt_ids: list[int], n: int, pad_token_id: int | None = None
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=n, do_sample=False, pad_token_id=pad_token_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+def greedy_refs(family, tok, prompts: list[str], n: int) -> dict[tuple[str, int], list[int]]:
+    """transformers' greedy continuation of every prompt, per family member: {(model key, i): ids}."""
+    from blockllm.demo import members
+
+    out = {}
+    for m in members(family):
+        model = reference_model(m, family)
+        for i, p in enumerate(prompts):
+            out[(m.key, i)] = greedy(model, tok(p)["input_ids"], n, tok.pad_token_id)
+    return out

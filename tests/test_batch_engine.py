@@ -12,13 +12,6 @@ MODEL = "platform/tiny-base"
 PROMPTS = ["3 + 4 =", "reverse: a b c ->", "next number after 17 is ->", "the", "uppercase: c a t ->"]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_zoo):
-    from blockllm.chain import load_tokenizer
-
-    return load_tokenizer(tiny_zoo, MODEL)
-
-
 def _req(tok, rid: str, i: int, priority: int, n: int = 6) -> Request:
     ids = tuple(tok(PROMPTS[i % len(PROMPTS)])["input_ids"])
     return Request(rid, MODEL, ids, SamplingParams(max_new_tokens=n, ignore_eos=True), priority)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import greedy, reference_model
+from reference import greedy, greedy_refs, reference_model
 
 from blockllm.demo import members
 from blockllm.engine import Engine
@@ -27,21 +27,9 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_zoo):
-    from blockllm.chain import load_tokenizer
-
-    return load_tokenizer(tiny_zoo, "platform/tiny-base")
-
-
-@pytest.fixture(scope="module")
 def refs(tiny_family, tok):
     """transformers' greedy continuation of every prompt, per member."""
-    out = {}
-    for m in members(tiny_family):
-        model = reference_model(m, tiny_family)
-        for i, p in enumerate(PROMPTS):
-            out[(m.key, i)] = greedy(model, tok(p)["input_ids"], N, tok.pad_token_id)
-    return out
+    return greedy_refs(tiny_family, tok, PROMPTS, N)
 
 
 def engine_for(zoo, family, device="cpu", **kw) -> Engine:

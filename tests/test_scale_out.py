@@ -4,6 +4,7 @@ a chain split across two of them, mixed tenants' traffic; outputs against transf
 from __future__ import annotations
 
 import pytest
+from clusters import tenant_clients
 from reference import greedy, reference_model
 
 from blockllm.demo import members
@@ -18,17 +19,8 @@ HOT, SPLIT = "acme/tiny-full", "globex/tiny-partial-b"
 
 @pytest.fixture(scope="module")
 def four(tiny_zoo):
-    import distributed
-    from distributed import LocalCluster
-
-    from blockllm.auth import create_key
-    from blockllm.client import Client
-
-    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster:
-        dask = distributed.Client(cluster)
-        clients = {t: Client(dask, api_key=create_key(tiny_zoo, t), zoo=tiny_zoo.url) for t in ("acme", "globex", "platform")}
+    with tenant_clients(tiny_zoo, 4, threads_per_worker=1) as clients:
         yield clients
-        dask.close()
 
 
 def test_four_workers_spread_models_replicate_the_hot_one_and_split_a_chain(four, tiny_zoo, tiny_family):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from reference import greedy, reference_model
+from clusters import tenant_clients
+from reference import greedy_refs
 
 from blockllm.demo import members
 from blockllm.engine.segment import SegmentEngine, unpack
@@ -21,21 +22,9 @@ SPLIT_AT = 2  # the tiny family has 4 layers, one per block
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_zoo):
-    from blockllm.chain import load_tokenizer
-
-    return load_tokenizer(tiny_zoo, "platform/tiny-base")
-
-
-@pytest.fixture(scope="module")
 def refs(tiny_family, tok):
     """transformers' greedy continuation of every prompt, per member."""
-    out = {}
-    for m in members(tiny_family):
-        model = reference_model(m, tiny_family)
-        for i, p in enumerate(PROMPTS):
-            out[(m.key, i)] = greedy(model, tok(p)["input_ids"], N, tok.pad_token_id)
-    return out
+    return greedy_refs(tiny_family, tok, PROMPTS, N)
 
 
 def test_guess_next_looks_up_the_latest_ngram():
@@ -195,17 +184,8 @@ def test_placement_splits_a_chain_no_worker_can_hold_and_says_why():
 # ------------------------------------------------------------------ on a LocalCluster
 @pytest.fixture(scope="module")
 def cluster_clients(tiny_zoo):
-    import distributed
-    from distributed import LocalCluster
-
-    from blockllm.auth import create_key
-    from blockllm.client import Client
-
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster:
-        dask = distributed.Client(cluster)
-        clients = {t: Client(dask, api_key=create_key(tiny_zoo, t), zoo=tiny_zoo.url) for t in ("acme", "globex", "platform")}
+    with tenant_clients(tiny_zoo, 2) as clients:
         yield clients
-        dask.close()
 
 
 def _set_speculation(dask, on: bool) -> None:

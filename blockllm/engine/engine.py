@@ -28,7 +28,8 @@ from .loading import LoadedModel, ModelLoading
 from .pipeline import PipelinedDecode, _Inflight
 from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
 from .sampling import make_generator, sample
-from .scheduler import Scheduler, Sequence, decodes as _decodes
+from .scheduler import Scheduler, Sequence
+from .scheduler import decodes as _decodes
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)

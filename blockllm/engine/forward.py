@@ -202,10 +202,14 @@ def _folded_layer(
     _project_residual_(st, i, "down", x, act, w.w_down, w.b_down, lane.tune)
 
 
-def run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of a lane's batch -> (logits (S, V), greedy tokens (S,)) for the sampled rows."""
+def run_segment(plan: Plan, lane: Lane, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The plan's embeddings and layer runs -> hidden states (n_rows, C) in plan row order.
+
+    `hidden` (n_rows, C): a previous segment's output of a split chain (updated in place);
+    None: the plan embeds its token ids.
+    """
     ids = plan.inputs[0]
-    h = torch.empty(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)  # (T, C)
+    h = hidden if hidden is not None else torch.empty(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)
     for st in plan.stages:
         if isinstance(st.block, EmbedBlock):
             e = F.embedding(_take(ids, st.rows), st.block.weight)
@@ -222,6 +226,12 @@ def run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
             x = h.index_select(0, st.rows)
             run_layers(st.block, x, st, lane, plan.max_ctx)
             h.index_copy_(0, st.rows, x)
+    return h
+
+
+def run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a lane's batch -> (logits (S, V), greedy tokens (S,)) for the sampled rows."""
+    h = run_segment(plan, lane)  # (T, C)
     hs = h if plan.sample_rows is None else h.index_select(0, plan.sample_rows)  # (S, C)
     if len(plan.heads) == 1 and _is_all(plan.heads[0].rows, plan.n_sample):
         head = plan.heads[0].block

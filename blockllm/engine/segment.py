@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from zoo_store import Manifest
 
@@ -29,7 +28,7 @@ from ..exceptions import (
 from ..types import SamplingParams
 from . import ops
 from .engine import _device, _dtype
-from .forward import Lane, _take, run_layers
+from .forward import Lane, _take, run_segment
 from .graphs import GraphCache
 from .kv_cache import KVPool, auto_pages
 from .plan import Item, ModelClass, Plan, bucket, build_plan, fill_inputs
@@ -108,31 +107,6 @@ class SegmentStats:
     remote_requests: int = 0
     steps: int = 0
     rows: int = 0
-
-
-def run_segment(plan: Plan, lane: Lane, hidden: torch.Tensor | None) -> torch.Tensor:
-    """A segment's blocks over a planned batch -> hidden states (n_rows, C) in plan row order.
-
-    `hidden` (n_rows, C) is the previous segment's output (updated in place); None: embed the ids.
-    """
-    ids = plan.inputs[0]
-    h = hidden if hidden is not None else torch.empty(plan.n_rows, lane.hidden, dtype=lane.dtype, device=lane.device)
-    for st in plan.stages:
-        if isinstance(st.block, EmbedBlock):
-            e = F.embedding(_take(ids, st.rows), st.block.weight)
-            if isinstance(st.rows, slice):
-                h[st.rows] = e
-            else:
-                h.index_copy_(0, st.rows, e)
-            continue
-        st.positions, st.slot_ids = _take(plan.inputs[1], st.rows), _take(plan.inputs[2], st.rows)
-        if isinstance(st.rows, slice):
-            run_layers(st.block, h[st.rows], st, lane, plan.max_ctx)
-        else:
-            x = h.index_select(0, st.rows)
-            run_layers(st.block, x, st, lane, plan.max_ctx)
-            h.index_copy_(0, st.rows, x)
-    return h
 
 
 def _logits(plan: Plan, lane: Lane, h: torch.Tensor) -> torch.Tensor:
