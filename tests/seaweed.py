@@ -79,7 +79,23 @@ def _weed_binary() -> str:
     return weed
 
 
-def start_seaweed(data_dir: Path, timeout: float = 60.0) -> SeaweedS3:
+class _PortTaken(RuntimeError):
+    pass
+
+
+def start_seaweed(data_dir: Path, timeout: float = 60.0, tries: int = 3) -> SeaweedS3:
+    """A weed server on free ports. A port picked free can be taken by another process before weed
+    binds it (weed then exits at once): such a start is tried again on new ports."""
+    for attempt in range(tries):
+        try:
+            return _start_seaweed(data_dir, timeout)
+        except _PortTaken:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_seaweed(data_dir: Path, timeout: float) -> SeaweedS3:
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
     cmd = [
@@ -105,7 +121,8 @@ def _wait_until_up(server: SeaweedS3, timeout: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed exited early ({proc.returncode}); see {data_dir / 'weed.log'}")
+            error = _PortTaken if b"address already in use" in (data_dir / "weed.log").read_bytes() else RuntimeError
+            raise error(f"weed exited early ({proc.returncode}); see {data_dir / 'weed.log'}")
         try:
             host, port = server.endpoint.rsplit("/", 1)[-1].split(":")
             socket.create_connection((host, int(port)), timeout=1).close()  # fast while it is down
