@@ -195,7 +195,7 @@ def test_cli_job_on_s3_with_status_and_cancel(acme, seaweed, s3_bucket, tmp_path
         assert res.exit_code == 0, res.output
         assert "done" in res.output
         res = runner.invoke(app, ["batch", "status", "s3job", "--json"])
-        assert res.exit_code == 0 and json.loads(res.output)[0]["rows_done"] == 30
+        assert res.exit_code == 0 and json.loads(res.stdout)[0]["rows_done"] == 30, res.output  # stdout alone: logs from other threads go to stderr
         out = read_output("s3job")
         assert sorted(out["id"]) == list(range(30)) and out["completion"].map(len).gt(0).all()
         assert fs.exists(f"{s3_bucket}/batch/in.completions/_job.json")  # next to the input

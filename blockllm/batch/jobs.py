@@ -358,10 +358,12 @@ def submit_job(
     ]
     futures = bl.dask.compute(tasks, retries=int(_config.get("batch.partition-retries", 2))) if tasks else []
     index = {f.key: i for f, i in zip(futures, todo, strict=True)}
+    bar = None
     if progress and futures:
         import threading
 
-        threading.Thread(target=distributed.progress, args=(futures,), kwargs={"notebook": False}, daemon=True).start()
+        bar = threading.Thread(target=distributed.progress, args=(futures,), kwargs={"notebook": False}, daemon=True)
+        bar.start()
     pending = set(futures)
     error: BaseException | None = None
     try:
@@ -390,6 +392,8 @@ def submit_job(
     except BaseException as e:  # interrupted here (Ctrl-C): stop the tasks, keep what is committed
         bl.dask.cancel(list(pending))
         error = error or e
+    if bar is not None:  # its last redraw belongs to this job's output, not to whatever prints next
+        bar.join(timeout=5.0)
     cancelled = fs.exists(out.cancel) or isinstance(error, JobCancelledError)
     done = _committed(out)
     state = _read_state(out) or state
