@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from benchmarks.engine_decode import Shape
-from blockllm.engine.source import make_spec
+from blockllm.engine.source import TensorSource, make_spec
 from blockllm.engine.weights import embed_block, head_block, layer_block
 from blockllm.families.llama import arch_of
-from zoo_store import AdapterRef, Block, BlockNotFoundError, BlockSpec, Manifest, ModelNotFoundError
+from zoo_store import AdapterRef, Block, BlockNotFoundError, BlockSpec, Manifest
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -27,29 +27,20 @@ def _seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-class SyntheticSource:
-    """The engine's read methods (`get_manifest`, `block_spec`, `get_block`) over synthetic blocks."""
+class SyntheticSource(TensorSource):
+    """TensorSource's read methods over synthetic blocks: a block's tensors are drawn when read."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()  # its manifests; blocks are kept here as specs and seeds only
         self.device, self.dtype = device, dtype
         self._specs: dict[str, BlockSpec] = {}
         self._makers: dict[str, tuple[str, Any]] = {}  # fp -> (seed name, tensor shapes maker)
-        self._models: dict[tuple[str, str], Manifest] = {}
 
     def add_block(self, name: str, spec: BlockSpec, shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
         fp = hashlib.sha256(f"synthetic-block\0{name}".encode()).hexdigest()
         self._specs[fp] = spec
         self._makers[fp] = (name, shapes)
         return fp
-
-    def put_manifest(self, manifest: Manifest) -> None:
-        self._models[(manifest.tenant, manifest.name)] = manifest
-
-    def get_manifest(self, tenant: str, name: str) -> Manifest:
-        try:
-            return self._models[(tenant, name)]
-        except KeyError:
-            raise ModelNotFoundError(tenant, name) from None
 
     def block_spec(self, fp: str) -> BlockSpec:
         try:
@@ -69,9 +60,6 @@ class SyntheticSource:
                 t = torch.empty(shape, device=self.device, dtype=self.dtype)
                 tensors[tname] = t.normal_(0.0, 0.02, generator=g)
         return Block(fp, spec, tensors)
-
-    def get_asset(self, fp: str) -> dict[str, bytes]:
-        raise BlockNotFoundError(fp)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from blockllm.engine import Engine
 from blockllm.engine.scheduler import Scheduler
 from blockllm.types import Request, SamplingParams
 
+from .engine_decode import _StepClock, sync
 from .mt_models import model_tensors
 
 log = logging.getLogger("benchmarks.multitenant")
@@ -123,11 +124,6 @@ class GpuSampler:
             return {"gpu_util_mean": None, "gpu_mem_used_max": None, "nvml_samples": 0}
         util = [s[0] for s in self.samples]
         return {"gpu_util_mean": float(np.mean(util)), "gpu_mem_used_max": max(s[1] for s in self.samples), "nvml_samples": len(util)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------- engine systems
@@ -423,18 +419,6 @@ class ServingRun:
 
 
 # ------------------------------------------------------------------------------------------- transformers
-class _Clock:
-    """A logits processor that timestamps generation steps (after a device sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def hf_reference(ms: Any, trace: list, vocab: int, seed: int, max_new: int, max_batch: int) -> RunLog:
     """transformers' generate, one model per variant (eager, batched per variant, FCFS by oldest
     request), replaying `trace` in real time; building a model is kept off the clock."""
@@ -474,7 +458,7 @@ def hf_reference(ms: Any, trace: list, vocab: int, seed: int, max_new: int, max_
         for k, p in enumerate(prompts):  # left padding
             ids[k, width - len(p) :] = torch.tensor(p)
             mask[k, width - len(p) :] = 1
-        clock = _Clock(device)
+        clock = _StepClock(device)
         with torch.inference_mode():
             model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(want), min_new_tokens=max(want),
                            do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0)  # fmt: skip
