@@ -304,9 +304,10 @@ class Engine(ModelLoading, PipelinedDecode):
         One mixed forward cannot replay a captured graph, so every arrival would run the whole
         batch eagerly, every class's blocks launched from Python. Split, the decode rows replay
         their decode graph and only the prefilling classes run eagerly. Each row's math is the same
-        either way; a shared block then runs twice in such a step, once per part.
+        either way; a shared block then runs twice in such a step, once per part, so without
+        decode graphs (CPU) there is nothing to gain and the step stays one forward.
         """
-        if not self.split_mixed:
+        if not (self.split_mixed and self.cuda_graphs):
             return [groups]
         decode, prefill = [], []
         for cls, members in groups:
