@@ -148,7 +148,7 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
     steps: list[float] = []
     prefill_steps: list[float] = []  # steps that prefill (eager, no CUDA graph)
     sched = eng.scheduler
-    preempt0, captures0 = sched.batch_preemptions, eng.graphs.captures
+    preempt0, captures0 = sched.batch_preemptions, eng.graph_stats()[0]
     fp0 = eng.models[model].block_fps[0]
     next_arrival = 0
     sampler = GpuSampler(device)
@@ -224,7 +224,7 @@ def run_phase(eng, model: str, p: Preset, with_batch: bool, duration: float, see
         "step_ms_p50": 1e3 * _pct(steps, 50), "step_ms_p95": 1e3 * _pct(steps, 95), "steps": len(steps),
         "prefill_steps": len(prefill_steps), "prefill_step_ms_p50": 1e3 * (_pct(prefill_steps, 50) or 0),
         "prefill_time_share": sum(prefill_steps) / max(sum(steps), 1e-9),
-        "graph_captures": eng.graphs.captures - captures0,
+        "graph_captures": eng.graph_stats()[0] - captures0,
         "batch_preemptions": sched.batch_preemptions - preempt0,
         "tpot_ms": [1e3 * x for x in tpot],
     }  # fmt: skip

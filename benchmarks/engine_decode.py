@@ -212,7 +212,7 @@ def engine_decode(
         "step_ms_mean": 1e3 * statistics.mean(wall),
         "prefill_s": prefill_s,
     }
-    entry = engine.graphs.last_used() if engine.cuda_graphs else None
+    entry = engine.last_graph() if engine.cuda_graphs else None
     if entry is not None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         entry.graph.replay()
@@ -222,7 +222,7 @@ def engine_decode(
         end.record()
         sync(device)
         out["graph_ms"] = start.elapsed_time(end) / steps
-        if PROFILE:
+        if PROFILE and engine.decode_graphs == "step":
             out["profile"] = profile_step(engine, entry, device)
     for r in requests:
         engine.abort(r.request_id)

@@ -275,7 +275,7 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
     prof = None
     system.reset()
     log_ = RunLog()
-    g0, c0 = engine.graphs.captures, engine.graphs.capture_seconds
+    g0, c0 = engine.graph_stats()
     s0 = engine.steps
     t0 = time.perf_counter()
     i, n = 0, len(trace)
@@ -328,7 +328,7 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
                 system.release(o.request_id)
     if hasattr(system, "queue"):
         system.queue.clear()
-    log_.extra.update(graph_captures=engine.graphs.captures - g0, graph_capture_s=engine.graphs.capture_seconds - c0,
+    log_.extra.update(graph_captures=engine.graph_stats()[0] - g0, graph_capture_s=engine.graph_stats()[1] - c0,
                       engine_steps=engine.steps - s0)  # fmt: skip
     return log_
 
@@ -363,7 +363,7 @@ class ServingRun:
 
         log_ = RunLog()
         eng = self.engine
-        g0, c0, s0 = eng.graphs.captures, eng.graphs.capture_seconds, eng.steps
+        (g0, c0), s0 = eng.graph_stats(), eng.steps
         futures = {}
         t0 = time.perf_counter()
 
@@ -408,7 +408,7 @@ class ServingRun:
         for r in log_.recs.values():  # streamed tokens of unfinished requests are not seen: count the floor
             if r.done is None:
                 r.tokens = 0
-        log_.extra.update(graph_captures=eng.graphs.captures - g0, graph_capture_s=eng.graphs.capture_seconds - c0,
+        log_.extra.update(graph_captures=eng.graph_stats()[0] - g0, graph_capture_s=eng.graph_stats()[1] - c0,
                           engine_steps=eng.steps - s0)  # fmt: skip
         return log_
 

@@ -72,3 +72,46 @@ def tok(tiny_zoo):
     from blockllm.chain import load_tokenizer
 
     return load_tokenizer(tiny_zoo, "platform/tiny-base")
+
+
+def _self_pipes() -> dict[str, tuple[int, int, int]]:
+    """The self-pipe sockets of the process-wide asyncio loops that zarr and fsspec run their IO on:
+    if anyone closes one of those file descriptors, every later zarr or s3fs call hangs for ever."""
+    pipes = {}
+    try:
+        from zarr.core import sync as zarr_sync
+
+        loops = {"zarr": zarr_sync.loop[0]}
+    except ImportError:
+        loops = {}
+    try:
+        import fsspec.asyn
+
+        loops["fsspec"] = fsspec.asyn.loop[0]
+    except (ImportError, AttributeError):
+        pass
+    for name, loop in loops.items():
+        if loop is None or loop.is_closed():
+            continue
+        for end in ("_ssock", "_csock"):
+            sock = getattr(loop, end, None)
+            if sock is None or sock.fileno() < 0:
+                continue
+            try:
+                st = os.fstat(sock.fileno())
+                pipes[f"{name}{end}"] = (sock.fileno(), st.st_dev, st.st_ino)
+            except OSError:
+                pipes[f"{name}{end}"] = (sock.fileno(), -1, -1)
+    return pipes
+
+
+@pytest.fixture(autouse=True)
+def _io_loops_intact():
+    """Fail the test that closes a file descriptor it does not own out from under zarr's or
+    fsspec's IO loop (found as a hang in a later test, minutes after the real culprit)."""
+    before = _self_pipes()
+    yield
+    after = _self_pipes()
+    broken = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
+    if broken:
+        pytest.fail(f"this test closed or replaced the self-pipe of a process-wide IO loop: {broken}")

@@ -282,15 +282,23 @@ def test_chunked_prefill_mixed_with_decodes_is_still_exact(tiny_zoo, tiny_family
         assert list(out.token_ids) == refs[(key, int(i))], r.request_id
 
 
-def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
-    tiny_zoo, tiny_family, tok, refs
-):
-    """The CUDA-graph path's logic (static padded plans, replays, steps launched one ahead of the
-    host) with graphs emulated by re-running the step into the captured outputs."""
+def emulate_graphs(eng, mode: str = "segments"):
+    """Turn on the CUDA-graph decode path of a CPU engine, graphs emulated by re-running each
+    captured function into its outputs (everything around graphs is the real code)."""
     from blockllm.engine.graphs import GraphCache
 
-    eng = engine_for(tiny_zoo, tiny_family)
-    eng.cuda_graphs, eng.graphs = True, GraphCache(emulate=True)
+    eng.cuda_graphs, eng.decode_graphs = True, mode
+    eng.graphs, eng.seg_graphs = GraphCache(emulate=True), GraphCache(emulate=True)
+    return eng
+
+
+@pytest.mark.parametrize("mode", ["segments", "step"])
+def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
+    tiny_zoo, tiny_family, tok, refs, mode
+):
+    """The CUDA-graph path's logic (static padded plans or segment graphs with gathered rows and
+    stacked LoRA, replays, steps launched one ahead of the host) with graphs emulated."""
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family), mode)
     batch = [req(m.key, i, tok) for m in members(tiny_family) for i in range(len(PROMPTS))]
     for r, out in zip(batch, eng.generate(batch), strict=True):
         key, i = r.request_id.split("#")
@@ -312,16 +320,50 @@ def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
     assert done[doomed.request_id].finish_reason == "abort" and eng.stats().kv_pages_used == 0
 
 
+def test_segment_graphs_do_not_multiply_with_the_variant_mix(tiny_zoo, tiny_family, tok, refs):
+    """Decode steps of ever new variant compositions reuse the graphs of their shared segments:
+    after one pass over the mixes, a second pass over other mixes of the same variants captures
+    (almost) nothing, while whole-step graphs need one per composition."""
+    from blockllm.engine.stepgraphs import segments_of
+
+    keys = [m.key for m in members(tiny_family)]
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family))
+    classes = [eng.models[k].cls for k in keys]
+    segs = segments_of(classes)
+    # every class passes through each of its stages exactly once, in chain order
+    for c, cls in enumerate(classes):
+        mine = [s for s in segs if c in s.classes]
+        assert [k for s in mine for k in s.key] == [cls.embed.fingerprint, *(b.fingerprint for b in cls.layers), cls.head_key]
+    shared = [s for s in segs if len(s.classes) > 1]
+    assert shared and len(segs) < sum(len(cls.layers) + 2 for cls in classes)  # runs of layers fused
+    mixes = [keys[i:] + keys[:i] for i in range(len(keys))]  # every rotation: new compositions
+    first = [keys[: j + 1] for j in range(len(keys))]
+    counts = {}
+    for mode in ("segments", "step"):
+        eng = emulate_graphs(engine_for(tiny_zoo, tiny_family), mode)
+        for mix in first:
+            batch = [req(k, j % len(PROMPTS), tok) for j, k in enumerate(mix)]
+            for r, out in zip(batch, eng.generate(batch), strict=True):
+                key, i = r.request_id.split("#")
+                assert list(out.token_ids) == refs[(key, int(i))], (mode, r.request_id)
+        before = eng.stats().graphs_captured
+        for n, mix in enumerate(mixes):
+            batch = [req(k, (j + n) % len(PROMPTS), tok) for j, k in enumerate(mix[: 2 + n % 3])]
+            for r, out in zip(batch, eng.generate(batch), strict=True):
+                key, i = r.request_id.split("#")
+                assert list(out.token_ids) == refs[(key, int(i))], (mode, r.request_id)
+        counts[mode] = eng.stats().graphs_captured - before
+    assert counts["segments"] < counts["step"], counts
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_steps_mixing_prefills_and_decodes_split_into_a_graph_decode_and_an_eager_prefill(
     tiny_zoo, tiny_family, tok, refs, split
 ):
     """engine.split-mixed-steps: the decode rows of a mixed step replay their (emulated) graph,
     the prefill chunks run eagerly beside them; outputs stay those of transformers either way."""
-    from blockllm.engine.graphs import GraphCache
-
-    eng = engine_for(tiny_zoo, tiny_family, prefill_chunk=3)  # prompts take several steps, beside decodes
-    eng.cuda_graphs, eng.graphs, eng.split_mixed = True, GraphCache(emulate=True), split
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, prefill_chunk=3))  # prompts take several steps, beside decodes
+    eng.split_mixed = split
     replays = []
     run_lane = eng._run_lane
     eng._run_lane = lambda lane, groups: replays.append(  # which forwards each step ran: decode or not
@@ -514,14 +556,22 @@ def test_bf16_on_cuda_agrees_with_transformers_bf16(tiny_zoo, tiny_family, tok):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_path_equals_eager_path(tiny_zoo, tiny_family, tok):
+@pytest.mark.parametrize("mode", ["step", "segments"])
+def test_cuda_graph_path_equals_eager_path(tiny_zoo, tiny_family, tok, mode):
+    """Whole-step graphs replay the eager padded plan exactly (bf16). Segment graphs group rows
+    and stack adapters differently, so bf16 GEMMs may round differently: compared in float32."""
+    import dask.config
+
+    dtype = torch.bfloat16 if mode == "step" else torch.float32
     batch = [
         req(m.key, i, tok, ignore_eos=True)
         for m in members(tiny_family)
         for i in range(len(PROMPTS))
     ]
-    graphed = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True)
-    eager = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=False)
+    with dask.config.set({"blockllm.engine.decode-graphs": mode}):
+        graphed = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True, dtype=dtype)
+    assert graphed.decode_graphs == mode
+    eager = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=False, dtype=dtype)
     a, b = graphed.generate(batch), eager.generate(batch)
     assert graphed.stats().graphs_captured > 0 and eager.stats().graphs_captured == 0
     assert [o.token_ids for o in a] == [o.token_ids for o in b]

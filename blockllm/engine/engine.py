@@ -30,6 +30,7 @@ from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
 from .scheduler import decodes as _decodes
+from .stepgraphs import StepGraphs
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
     return getattr(torch, name)
 
 
-class Engine(ModelLoading, PipelinedDecode):
+class Engine(ModelLoading, PipelinedDecode, StepGraphs):
     """Blocks loaded once each on one device; requests of every loaded model batched per block.
 
     `load(model)` / `unload(model)`, `add_request(req)`, `step()` (one iteration: the outputs of
@@ -134,6 +135,10 @@ class Engine(ModelLoading, PipelinedDecode):
         self._plans: dict[tuple, tuple[Plan, np.ndarray, torch.Tensor | None]] = {}
         self._inflight: _Inflight | None = None
         self.graphs = GraphCache(int(_config.get("engine.graph-cache", 48)))
+        self.decode_graphs = str(_config.get("engine.decode-graphs", "segments"))
+        if self.decode_graphs not in ("segments", "step"):
+            raise ValueError(f"engine.decode-graphs must be 'segments' or 'step', not {self.decode_graphs!r}")
+        self._init_step_graphs(int(_config.get("engine.segment-graph-cache", 1024)))
         self.split_mixed = bool(_config.get("engine.split-mixed-steps", True))
         self.steps = 0
         self.tokens_generated = 0
@@ -351,11 +356,14 @@ class Engine(ModelLoading, PipelinedDecode):
             for cls, members in groups
         ]
         decode = all(_decodes(seq, n) for _, members in groups for seq, n in members)
-        if decode:
+        graphed = self.cuda_graphs and ops._pow2(lane.pool.head_dim)  # the torch attention sizes itself on the host
+        if decode and graphed and self.decode_graphs == "segments":
+            plan = self._segment_step(lane, groups, item_groups)
+            plan.run()
+            logits, greedy = plan.outputs
+        elif decode:
             sig, plan = self._decode_plan(lane, groups, item_groups)
-            if self.cuda_graphs and ops._pow2(
-                lane.pool.head_dim
-            ):  # the torch attention sizes itself on the host
+            if graphed:  # one graph of the whole step
                 entry = self.graphs.get(sig) or self.graphs.capture(
                     sig, plan, lambda: run_plan(plan, lane)
                 )
@@ -420,6 +428,19 @@ class Engine(ModelLoading, PipelinedDecode):
         )
 
     # ------------------------------------------------------------------ stats
+    def graph_stats(self) -> tuple[int, float]:
+        """Decode graphs captured so far and the seconds spent capturing them (both kinds)."""
+        return (
+            self.graphs.captures + self.seg_graphs.captures,
+            self.graphs.capture_seconds + self.seg_graphs.capture_seconds,
+        )
+
+    def last_graph(self) -> Any:
+        """The decode step replayed last (`.graph.replay()` repeats it; benchmarks time it alone)."""
+        if self.decode_graphs == "segments":
+            return self._last_seg_step
+        return self.graphs.last_used()
+
     def stats(self) -> EngineStats:
         sizes: dict[str, int] = {}
         for key, inst in self.instances.items():
@@ -441,7 +462,7 @@ class Engine(ModelLoading, PipelinedDecode):
             steps=self.steps,
             tokens_generated=self.tokens_generated,
             preemptions=self.scheduler.preemptions,
-            graphs_captured=self.graphs.captures,
+            graphs_captured=self.graph_stats()[0],
             last_batch=dict(self.last_batch),
             block_tokens=dict(self.block_tokens),
             blocks=[

@@ -47,7 +47,17 @@ def _add_rows_(out: torch.Tensor, rows: Rows, c0: int, c1: int, delta: torch.Ten
 
 
 def _lora_(st: Stage, layer: int, gemm: str, inp: torch.Tensor, out: torch.Tensor) -> None:
-    """Each adapter's delta on its own rows only (Punica/S-LoRA style segments); others pay nothing."""
+    """Each adapter's delta on its own rows only (Punica/S-LoRA style segments); others pay nothing.
+
+    With stacked adapters (`st.dense`, segment graphs), one masked pair of GEMMs serves every row.
+    """
+    if st.dense is not None:
+        t = st.dense[layer].get(gemm)
+        if t is not None:
+            a, b, slots, scale = t
+            mask = (st.lora_slots[:, None] == slots[None, :]).to(inp.dtype) * scale  # (n, R)
+            out += ((inp @ a.t()) * mask) @ b.t()
+        return
     for ad, rows in st.lora:
         mods = ad.layers[layer].get(gemm)
         if not mods:

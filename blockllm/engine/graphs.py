@@ -38,7 +38,7 @@ class EmulatedGraph:
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph | EmulatedGraph
-    plan: Plan
+    plan: Plan | None  # None: a segment graph (stepgraphs.py)
     outputs: tuple[torch.Tensor, ...]
     replays: int = 0
 
@@ -71,7 +71,7 @@ class GraphCache:
         return entry
 
     def capture(
-        self, signature: tuple, plan: Plan, fn: Callable[[], tuple[torch.Tensor, ...]]
+        self, signature: tuple, plan: Plan | None, fn: Callable[[], tuple[torch.Tensor, ...]]
     ) -> Captured:
         """Warm `fn` up (Triton compiles, cuBLAS picks kernels), then capture it.
 
@@ -100,10 +100,5 @@ class GraphCache:
             self._graphs.popitem(last=False)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
-        log.debug(
-            "captured decode graph %d (%d rows) in %.3f s",
-            self.captures,
-            entry.plan.n_rows,
-            time.perf_counter() - t0,
-        )
+        log.debug("captured decode graph %d (%s) in %.3f s", self.captures, signature[-1], time.perf_counter() - t0)
         return entry

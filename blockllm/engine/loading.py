@@ -111,6 +111,8 @@ class ModelLoading:
             cls = self._classes[cls_key] = ModelClass(
                 cls_key, lane.key, embed, layers, head, keys[-1], adapters, n_layers
             )
+            if adapters:  # the stacked adapters of its blocks change (segment graphs)
+                self._reset_step_graphs()
         path: list[str] = []
         for i, fp in enumerate(manifest.chain):
             path.append(fp)
@@ -239,3 +241,4 @@ class ModelLoading:
             self._classes.pop(m.cls.key, None)
         self._plans.clear()
         self.graphs.clear()
+        self._reset_step_graphs()

@@ -69,18 +69,26 @@ class PipelinedDecode:
             (cls, [Item(seq.tokens[-1:], seq.computed, seq.slot, True) for seq, _ in members])
             for cls, members in groups
         ]
-        sig, plan = self._decode_plan(lane, groups, item_groups)
-        entry = self.graphs.get(sig) or self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
+        if self.decode_graphs == "segments":
+            plan = entry = self._segment_step(lane, groups, item_groups)
+            plan.run()  # replays, or captures and thereby computes, each segment
+        else:
+            sig, plan = self._decode_plan(lane, groups, item_groups)
+            entry = self.graphs.get(sig)
+            if entry is None:
+                entry = self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
+            entry.graph.replay()
         advance = np.zeros(plan.n_rows, dtype=np.int64)
         advance[plan.item_rows] = 1
         seqs = [seq for _, members in groups for seq, _ in members]
         return self._replay(lane, plan, entry, list(zip(seqs, plan.item_rows, strict=True)),
-                            _pinned(torch.from_numpy(advance)).to(self.device, non_blocking=True))  # fmt: skip
+                            _pinned(torch.from_numpy(advance)).to(self.device, non_blocking=True), run=False)  # fmt: skip
 
     def _replay(
-        self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor
+        self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor, run: bool = True
     ) -> _Inflight:
-        entry.graph.replay()
+        if run:
+            entry.graph.replay()
         entry.replays += 1
         host = _pinned(torch.empty(plan.n_rows, dtype=torch.int64))
         host.copy_(entry.outputs[1], non_blocking=True)

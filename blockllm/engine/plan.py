@@ -70,6 +70,9 @@ class Stage:
     prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, n, ctx, slot)
     positions: torch.Tensor | None = None  # (n,) this stage's rows of the step inputs, set per run
     slot_ids: torch.Tensor | None = None
+    # segment graphs (stepgraphs.py): every adapter of the block stacked per layer, masked per row
+    dense: list | None = None
+    lora_slots: torch.Tensor | None = None  # (n,) each row's LoRA slot (0: none)
 
 
 @dataclass
