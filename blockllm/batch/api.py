@@ -139,16 +139,30 @@ class _Rpc:
                 dask_client = distributed.get_client()
             else:
                 self.here = worker.address
-                self._pool, self._loop = worker.rpc, worker.loop
+                self._pool, self._loop, self._scheduler = worker.rpc, worker.loop, worker.scheduler
                 return
         self.here = None
-        self._pool, self._loop = dask_client.rpc, dask_client.loop
+        self._pool, self._loop, self._scheduler = dask_client.rpc, dask_client.loop, dask_client.scheduler
 
     def __call__(self, host: str, method: str, **kwargs: Any) -> Any:
         async def call():
             return await getattr(self._pool(host), method)(**kwargs)
 
         return distributed.utils.sync(self._loop, call)
+
+    def live(self, hosts: Sequence[str]) -> list[str]:
+        """The `hosts` whose workers the scheduler still has: a lost worker's address is never
+        dialled (a refused connection is retried for distributed.comm.timeouts.connect, 30 s)."""
+
+        async def workers():
+            return (await self._scheduler.identity(n_workers=-1)).get("workers", {})
+
+        try:
+            alive = distributed.utils.sync(self._loop, workers)
+        except Exception:  # no answer from the scheduler: try them all, as before
+            log.debug("could not ask the scheduler for its workers", exc_info=True)
+            return list(hosts)
+        return [h for h in hosts if h in alive]
 
 
 def host_order(hosts: Sequence[str], here: str | None, prompts: Sequence[str]) -> list[str]:
@@ -170,15 +184,19 @@ def run_prompts(
 ) -> list[str]:
     """Complete `prompts` at batch priority on a block host, at most spec.max_inflight at a time.
 
-    A host that cannot be reached (its worker lost) hands what is left to the next host of the
-    model; one that is full (OverloadedError) is retried after its Retry-After; any other error
-    is raised typed after aborting what this call still has in flight. `cancelled()` is asked
+    Hosts whose workers the scheduler no longer has are skipped; a host that cannot be reached
+    (its worker lost) hands what is left to the next host of the model, and with none left the
+    call raises NoCapacityError (a batch job then places the model again: jobs.py). A host that
+    is full (OverloadedError) is retried after its Retry-After; any other error is raised typed
+    after aborting what this call still has in flight. `cancelled()` is asked
     between polls: when it says so, the requests are aborted and JobCancelledError is raised.
     """
     prompts = check_prompts(prompts)
     rpc = _Rpc(dask_client)
     results: list[str | None] = [None] * len(prompts)
-    hosts = host_order(spec.hosts, rpc.here, prompts)
+    hosts = host_order(rpc.live(spec.hosts), rpc.here, prompts)
+    if not hosts:
+        raise NoCapacityError(f"none of the block hosts of {spec.model} ({len(spec.hosts)}) is alive")
     last: BaseException | None = None
     for host in hosts:
         try:
