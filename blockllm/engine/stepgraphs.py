@@ -202,7 +202,12 @@ class SegmentStep:
             entry = eng.seg_graphs.get(key)
             if entry is None:
                 fn = eng._segment_fn(self.lane, self.bufs, seg, off, b)
-                entry = eng.seg_graphs.capture(key, None, fn)  # the warm-up run computes this step
+                if key in eng._seg_seen:  # a layout seen before: capture (the warm-up computes this step)
+                    entry = eng.seg_graphs.capture(key, None, fn)
+                else:  # first sighting: run it eagerly; a capture costs far more than one eager run
+                    eng._seg_seen.add(key)
+                    entry = _Eager(fn)
+                    fn()
             else:
                 entry.graph.replay()
                 entry.replays += 1
@@ -214,6 +219,20 @@ class SegmentStep:
             entry.replays += 1
 
 
+class _Eager:
+    """A segment run eagerly (its first sighting), replayable like a captured graph."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.replays = fn, 0
+
+    @property
+    def graph(self) -> _Eager:
+        return self
+
+    def replay(self) -> None:
+        self.fn()
+
+
 class StepGraphs:
     """Engine methods for segment-graph decode steps (`engine.decode-graphs: segments`)."""
 
@@ -221,6 +240,7 @@ class StepGraphs:
         self.seg_graphs = GraphCache(capacity, emulate=emulate)
         self._seg_bufs: dict[tuple, _Buffers] = {}
         self._seg_layouts: dict[tuple, list[Segment]] = {}
+        self._seg_seen: set[tuple] = set()  # graph keys met once (run eagerly), captured when met again
         self._lora_slots: dict[tuple, int] = {}
         self._lora_tables: dict[str, list | None] = {}
         self._lora_epoch = 0
@@ -229,6 +249,7 @@ class StepGraphs:
     def _reset_step_graphs(self) -> None:
         """Weights or adapters changed (a model loaded or unloaded): recapture everything."""
         self.seg_graphs.clear()
+        self._seg_seen.clear()
         self._last_seg_step = None
         self._seg_layouts.clear()
         self._lora_tables.clear()
