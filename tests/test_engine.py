@@ -356,6 +356,19 @@ def test_segment_graphs_do_not_multiply_with_the_variant_mix(tiny_zoo, tiny_fami
     assert counts["segments"] < counts["step"], counts
 
 
+def test_warmup_runs_every_row_bucket_on_the_scratch_row_only(tiny_zoo, tiny_family, tok, refs):
+    """engine.warmup (automatic on CUDA at a lane's first load) touches no request's state: no KV
+    page is taken, and outputs afterwards are still transformers' own."""
+    eng = engine_for(tiny_zoo, tiny_family)
+    assert eng.warmup(max_rows=24) >= 0
+    bufs = next(iter(eng._seg_bufs.values()))
+    assert bufs.rows >= 24 and eng.stats().kv_pages_used == 0
+    batch = [req(m.key, i, tok) for m in members(tiny_family)[:3] for i in (0, 3)]
+    for r, out in zip(batch, emulate_graphs(eng).generate(batch), strict=True):
+        key, i = r.request_id.split("#")
+        assert list(out.token_ids) == refs[(key, int(i))], r.request_id
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_steps_mixing_prefills_and_decodes_split_into_a_graph_decode_and_an_eager_prefill(
     tiny_zoo, tiny_family, tok, refs, split

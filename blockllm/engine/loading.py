@@ -14,6 +14,7 @@ import torch
 
 from zoo_store import Manifest
 
+from .. import config as _config
 from ..exceptions import UnsupportedArchitectureError
 from .forward import Lane
 from .kv_cache import KVPool, auto_pages
@@ -104,7 +105,9 @@ class ModelLoading:
         embed, head = self.instances[keys[0]], self.instances[keys[-1]]
         layers = [self.instances[k] for k in keys[1:-1]]
         n_layers = expect
+        lanes_before = len(self.lanes)
         lane = self._lane(embed.arch, head.weight.shape[0], n_layers)
+        new_lane = len(self.lanes) > lanes_before
         cls_key = (tuple(keys), tuple(sorted((i, a.fingerprint) for i, a in adapters.items())))
         cls = self._classes.get(cls_key)
         if cls is None:
@@ -134,6 +137,8 @@ class ModelLoading:
             _context({**manifest.config, **specs[1].arch}, self.max_model_len),
         )
         log.info("loaded %s: %d blocks, %d adapters", manifest.key, len(keys), len(adapters))
+        if new_lane and self.device.type == "cuda" and _config.get("engine.warmup", True):
+            self.warmup()  # Triton compiles now, at load, instead of in front of the first requests
         return manifest
 
     def _manifest(self, key: str) -> Manifest:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import ops
 from .forward import Lane, run_layers
 from .graphs import GraphCache
-from .plan import Item, ModelClass, Stage, bucket
+from .plan import BUCKETS, Item, ModelClass, Stage, bucket
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,33 @@ class StepGraphs:
             ]
             self._lora_tables[key] = dense_lora(block, users)
         return self._lora_tables[key]
+
+    def warmup(self, max_rows: int | None = None) -> float:
+        """Run every decode row bucket up to `max_rows` once through a chain of each lane, on the
+        scratch row only, so that no request later waits on a Triton JIT compile (each row bucket
+        picks its own kernel variants; vLLM warms up at start-up likewise). Returns the seconds."""
+        import time
+
+        t0 = time.perf_counter()
+        top = bucket(max_rows or 2 * self.max_batch_size)
+        with torch.inference_mode():
+            for lane in self.lanes.values():
+                cls = next((c for c in self._classes.values() if c.lane == lane.key), None)
+                if cls is None:
+                    continue
+                (seg,) = segments_of([cls])
+                bufs = self._buffers(lane, top)
+                for b in (x for x in BUCKETS if x <= top):
+                    bufs = self._regions(lane, bufs, [(("warmup", *seg.key), b)])
+                    off = bufs.regions[(("warmup", *seg.key), b)]
+                    bufs.arena[off : off + b].fill_(bufs.rows)  # every row is the scratch row (KV slot 0)
+                    bufs.inputs[:, bufs.rows].zero_()
+                    self._segment_fn(lane, bufs, seg, off, b)()
+                lane.pool.sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("engine warm-up: row buckets up to %d in %.2f s", top, time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def _buffers(self, lane: Lane, n: int) -> _Buffers:
         bufs = self._seg_bufs.get(lane.key)
