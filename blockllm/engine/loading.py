@@ -209,7 +209,7 @@ class ModelLoading:
                 self.max_model_len,
                 self.dtype,
                 self.device,
-                slots=max(8, self.max_batch_size),
+                slots=max(8, 4 * self.max_batch_size),  # growing it later recaptures every graph
             )
             log.info(
                 "KV pool %s: %d pages of %d tokens (%.1f MiB)",
