@@ -9,7 +9,7 @@ dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ class _Inflight:
     host: torch.Tensor  # pinned (n_rows,) the greedy tokens land in
     event: torch.cuda.Event | _HostEvent
     generation: int
+    dead: list[int] = field(default_factory=list)  # rows of requests that ended (padding now)
 
 
 class PipelinedDecode:
@@ -97,33 +98,42 @@ class PipelinedDecode:
         return _Inflight(lane, plan, entry, rows, advance, host, event, lane.pool.generation)
 
     def _chainable(self, prev: _Inflight) -> bool:
-        """The next step is the same batch one token on: nobody waits, ends, or lacks a page."""
+        """The next step is the same batch one token on: nobody waits or lacks a page, and someone
+        is left. Rows of requests that ended meanwhile stay in the batch as padding: they are
+        pointed at the scratch KV slot (their own pages may already belong to someone else)."""
         if self.scheduler.has_admissible():  # batch work held back by its caps does not count
             return False
-        for seq, _ in prev.rows:
-            p = seq.req.sampling
-            if (
-                seq.finished
-                or not seq.slot
-                or len(seq.generated) + 1 >= p.max_new_tokens
-                or len(seq.tokens) + 1 >= seq.model.context
-            ):
+        live = [(seq, row) for seq, row in prev.rows if not seq.finished and seq.slot]
+        if not live:
+            return False
+        for seq, _ in live:
+            if len(seq.tokens) + 1 >= seq.model.context:
                 return False
         pool = prev.lane.pool
-        if any(not pool.ensure(seq.slot, seq.computed + 2) for seq, _ in prev.rows):
+        if any(not pool.ensure(seq.slot, seq.computed + 2) for seq, _ in live):
             return False
-        return pool.generation == prev.generation
+        if pool.generation != prev.generation:
+            return False
+        alive = {id(seq) for seq, _ in live}
+        prev.dead = [row for seq, row in prev.rows if id(seq) not in alive]
+        prev.rows = live
+        return True
 
     def _chain(self, prev: _Inflight) -> _Inflight:
         """Launch step N+1 from step N's tokens on the device, before the host has seen them."""
         plan = prev.plan
         plan.inputs[0].copy_(prev.entry.outputs[1])  # each row's next token is its own greedy pick
-        plan.inputs[1].add_(prev.advance)
+        advance = prev.advance
+        if prev.dead:  # ended rows: position 0 in the scratch slot from now on, and no advancing
+            rows = _pinned(torch.tensor(prev.dead, dtype=torch.int64)).to(self.device, non_blocking=True)
+            plan.inputs[1:3].index_fill_(1, rows, 0)
+            advance = advance.index_fill(0, rows, 0)
+        plan.inputs[1].add_(advance)
         plan.max_ctx += 1  # (only the torch reference attention reads it)
         prev.lane.pool.sync()
         self._count([(seq, 1) for seq, _ in prev.rows])
         self.steps += 1
-        return self._replay(prev.lane, plan, prev.entry, prev.rows, prev.advance)
+        return self._replay(prev.lane, plan, prev.entry, prev.rows, advance)
 
     def _collect(self, prev: _Inflight) -> list[RequestOutput]:
         prev.event.synchronize()
