@@ -25,7 +25,7 @@ from zoo_store import Zoo, ZooError
 
 from . import config as _config
 from .auth import KeyRing
-from .exceptions import BlockLLMError, NoCapacityError, OverloadedError
+from .exceptions import BlockLLMError, NoCapacityError, OverloadedError, UnknownModelError
 from .serving.admission import parse_priority
 from .serving.handoff import place_segments
 from .serving.host import PLUGIN_NAME, BlockHostPlugin, get_host
@@ -36,6 +36,20 @@ from .types import SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000  # requests per submit() call
+# How long a failed request of a split chain waits for distributed to report one of its segments'
+# workers gone before its error stands (the first worker may see the hand-off break first).
+SEGMENT_LOSS_WAIT = 10.0
+
+
+def _maybe_lost_segment(plan: PlacementPlan | None, model: str, error: BaseException) -> bool:
+    """Whether `error` may be a split chain's first worker reporting its next segment lost: a
+    hand-off broken by a comm error (plain BlockLLMError), or its route dropped by a re-placement
+    after a loss (UnknownModelError). Typed errors of the request itself are never failed over."""
+    return plan is not None and model in plan.splits and type(error) in (BlockLLMError, UnknownModelError)
+
+
+def _segment_workers(plan: PlacementPlan | None, model: str) -> set[str]:
+    return {s.worker for s in plan.splits.get(model, ())} if plan is not None else set()
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,7 @@ class Client:
         self._rr = itertools.count()
         self._replace_lock = threading.Lock()
         self._keys: KeyRing | None = None
+        self._tasks: set[asyncio.Task] = set()  # split-chain resumptions under way (held: the loop keeps weak refs)
 
     # ------------------------------------------------------------------ cluster
     @property
@@ -162,10 +177,12 @@ class Client:
             raise BlockLLMError(f"cannot place unknown models {unknown}")
         chosen = {k: manifests[k] for k in wanted}
         sizes = {fp: self.zoo.block_spec(fp).nbytes for m in chosen.values() for fp in m.fingerprints()}
-        current = self.loaded()  # the cluster's actual state: other clients may have placed models too
+        answering = self._host_stats()  # workers whose block host answers (one that has just joined may not yet)
+        # the cluster's actual state: other clients may have placed models too
+        current = {w: set(st["models"]) | set((st.get("split") or {}).get("routes", ())) for w, st in answering.items()}
         starts = {k: [self.zoo.block_spec(fp).layer_start for fp in m.chain[1:-1]] for k, m in chosen.items()}
         plan = plan_placement(
-            chosen, sizes, [WorkerInfo(w, self.capacity_bytes) for w in self.workers], traffic, current,
+            chosen, sizes, [WorkerInfo(w, self.capacity_bytes) for w in sorted(answering)], traffic, current,
             split=split, layer_starts=starts,
         )
         futures = []
@@ -215,8 +232,7 @@ class Client:
             err = self.dask.sync(authorize)
             if err is not None:
                 raise error_from_wire(err)
-            models = sorted({model} | {m for ms in (self.plan.assignments.values() if self.plan else []) for m in ms})
-            plan = self.place(models)
+            plan = self._replace(self._plan_models(self.plan) | {model})
             if not plan.workers_for(model):
                 raise NoCapacityError(f"no worker can host {model}: {plan.unplaced.get(model, 'unknown reason')}")
         candidates = self.plan.workers_for(model)
@@ -245,6 +261,7 @@ class Client:
         (distributed says it left), resubmit what is unfinished elsewhere with the tokens so far."""
         received = received if received is not None else [[] for _ in wires]
         pending: dict[str, tuple[dict, Future, list[int]]] = {}
+        plan = self.plan  # the placement these requests were routed by (split chains: their segments)
         try:
             try:
                 sent = [dict(w, resume_token_ids=list(toks)) if toks else w for w, toks in zip(wires, received, strict=True)]
@@ -259,6 +276,7 @@ class Client:
                     states = await self.dask.rpc(worker).blockllm_poll(
                         ids=ids, offsets=[len(pending[r][2]) for r in ids], timeout=5.0, until_finished=True
                     )
+                    suspects = []
                     for rid, st in states.items():
                         w, f, toks = pending[rid]
                         if st.get("offset", len(toks)) == len(toks):  # tokens so far: what a failover resumes from
@@ -267,9 +285,17 @@ class Client:
                             continue
                         del pending[rid]
                         if st.get("error"):
-                            f.set_exception(error_from_wire(st["error"]))
+                            err = error_from_wire(st["error"])
+                            if _maybe_lost_segment(plan, w["model"], err):
+                                suspects.append((w, f, toks, err))
+                            else:
+                                f.set_exception(err)
                         else:
                             f.set_result(Completion(rid, w["model"], st.get("text") or "", tuple(toks), st["finish_reason"], worker, tuple(st.get("blocks", ())), st.get("ttft"), st.get("latency"), tuple(st.get("substitutions", ()))))
+                    if suspects:  # off this loop: the others here keep being polled meanwhile
+                        task = asyncio.ensure_future(self._resume_split(worker, plan, suspects))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
             except OSError as e:  # distributed's CommClosedError and connect failures are OSErrors
                 left = [(w, f, toks) for w, f, toks in zip(wires, futures, received, strict=True) if not f.done()]
                 if not left or not await self._worker_left(worker):
@@ -293,6 +319,40 @@ class Client:
             await asyncio.sleep(0.2)
         return False
 
+    async def _segment_lost(self, workers: set[str], timeout: float = SEGMENT_LOSS_WAIT) -> str | None:
+        """One of `workers` that the scheduler has removed, waiting up to `timeout`; None if all stay."""
+        if not workers:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.dask.scheduler.identity(n_workers=-1)
+            gone = sorted(workers - set(info.get("workers", {})))
+            if gone:
+                return gone[0]
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.2)
+
+    async def _resume_split(self, worker: str, plan: PlacementPlan | None, items: list[tuple[dict, Future, list[int], BaseException]]) -> None:
+        """Requests of split chains that failed on `worker` (their first segment's): if a worker of
+        one of their segments is gone, re-place and resume them from their tokens so far, as for a
+        lost worker; otherwise their errors stand."""
+        try:
+            lost = await self._segment_lost(set().union(*(_segment_workers(plan, w["model"]) for w, *_ in items)) - {worker})
+            left = []
+            for w, f, toks, err in items:
+                if lost is not None and lost in _segment_workers(plan, w["model"]):
+                    left.append((w, f, toks))
+                else:
+                    f.set_exception(err)
+            if left:
+                log.warning("worker %s of a split chain was lost with %d requests in flight through it; resuming them", lost, len(left))
+                await self._failover(lost, left)
+        except Exception as e:
+            for _, f, _, _ in items:
+                if not f.done():
+                    f.set_exception(e if isinstance(e, BlockLLMError) else BlockLLMError(f"resuming split-chain requests failed: {e!r}"))
+
     async def _failover(self, lost: str, left: list[tuple[dict, Future, list[int]]]) -> None:
         """Re-place the models of `left` on surviving workers and drive each request from its tokens so far."""
         loop = asyncio.get_running_loop()
@@ -309,14 +369,31 @@ class Client:
             for worker, items in groups.items()
         ))
 
+    @staticmethod
+    def _plan_models(plan: PlacementPlan | None) -> set[str]:
+        """Every model a plan placed: whole on some worker, or split."""
+        if plan is None:
+            return set()
+        return {m for ms in plan.assignments.values() for m in ms} | set(plan.splits)
+
+    def _replace(self, models: set[str]) -> PlacementPlan:
+        """Place `models` again, keeping the chains the current plan split split at the same layer
+        (over the workers there are now); one that can no longer be split is placed as placement can."""
+        split = {m: segs[0].end for m, segs in (self.plan.splits.items() if self.plan is not None else ()) if m in models}
+        plan = self.place(sorted(models), split=split or None)
+        stuck = {m for m in split if m in plan.unplaced}
+        if stuck:  # too few workers left to split them there
+            plan = self.place(sorted(models), split={m: k for m, k in split.items() if m not in stuck} or None)
+        return plan
+
     def _reroute(self, model: str, lost: str) -> str:
         """A surviving worker for `model` (on a thread: placement blocks); re-places once per lost worker."""
         with self._replace_lock:
             if self.plan is not None and any(lost == w for w in self.plan.assignments):
-                models = sorted({m for ms in self.plan.assignments.values() for m in ms} | {model})
+                models = self._plan_models(self.plan) | {model}
                 for attempt in range(3):  # a worker that has just joined may not answer yet
                     try:
-                        self.place(models)
+                        self._replace(models)
                         break
                     except OSError:
                         if attempt == 2:
@@ -345,11 +422,19 @@ class Client:
         received: list[int] = []
         worker = self._route(request.model)
         while True:
+            plan = self.plan  # the placement it was routed by
             try:
                 yield from self._stream_from(worker, wire, received)
                 return
-            except OSError as e:  # distributed's comm errors; failover only once the scheduler says so
-                if isinstance(e, (BlockLLMError, ZooError)):  # a typed error from the host (ZooUnavailableError)
+            except (OSError, BlockLLMError) as e:  # distributed's comm errors; failover only once the scheduler says so
+                if _maybe_lost_segment(plan, request.model, e):  # a split chain's later segment may be lost
+                    lost = self.dask.sync(self._segment_lost, _segment_workers(plan, request.model) - {worker})
+                    if lost is None:
+                        raise
+                    log.warning("worker %s of a split chain was lost during a stream (%r); resuming it", lost, e)
+                    worker = self._reroute(request.model, lost)
+                    continue
+                if not isinstance(e, OSError) or isinstance(e, (BlockLLMError, ZooError)):  # a typed error from the host
                     raise
                 if not self.dask.sync(self._worker_left, worker):
                     raise BlockLLMError(f"worker {worker} failed: {e!r}") from e
@@ -388,6 +473,24 @@ class Client:
 
         async def all_():
             return dict(await asyncio.gather(*(one(w) for w in workers)))
+
+        return self.dask.sync(all_)
+
+    def _host_stats(self) -> dict[str, Any]:
+        """stats(), leaving out workers whose block host does not answer: a worker the scheduler
+        lists runs its plugins only after it registered (a nanny's restarted worker, for a few
+        seconds), and one that is dying may be listed a moment longer."""
+        workers = self.workers
+
+        async def one(w):
+            try:
+                return w, await self.dask.rpc(w).blockllm_stats()
+            except Exception as e:  # "No handler blockllm_stats" (plugin not set up yet), comm errors
+                log.info("leaving worker %s out of placement: its block host did not answer (%r)", w, e)
+                return w, None
+
+        async def all_():
+            return {w: st for w, st in await asyncio.gather(*(one(w) for w in workers)) if st is not None}
 
         return self.dask.sync(all_)
 
