@@ -193,3 +193,88 @@ def test_batch_requests_run_after_online_ones(live):
     assert lh.host.submit(batch + online) == [None] * 8
     done = lh.wait([w["request_id"] for w in batch + online], timeout=30)
     assert len(done) == 8 and all(not st["error"] for st in done.values())
+
+
+def test_split_tickets_share_the_bounds_but_wait_in_their_own_lane():
+    adm = Admission(max_per_tenant=3, max_per_model=4, quantum=8)
+    adm.offer(ticket("a", 0))
+    split = [Ticket(ticket("a", i).request, "a", "acme/m", "online", "split") for i in (1, 2)]
+    for t in split:
+        adm.offer(t)
+    with pytest.raises(OverloadedError, match="max-queued-per-tenant"):  # split or not, one tenant bound
+        adm.offer(Ticket(ticket("a", 3).request, "a", "acme/m", "online", "split"))
+    adm.offer(Ticket(ticket("b", 0).request, "b", "acme/m", "online", "split"))
+    with pytest.raises(OverloadedError, match="max-queued-per-model"):  # and one model bound
+        adm.offer(ticket("c", 0))
+    assert adm.pending("engine") == 1 and adm.pending("split") == 3 and len(adm) == 4
+    assert [t.request.request_id for t in adm.take(5)] == ["a-online-0"]  # the engine takes only its own
+    assert sorted(t.tenant for t in adm.take(5, lane="split")) == ["a", "a", "b"]
+    assert adm.snapshot()["per_tenant"] == {} and adm.snapshot()["rejected"] == {"a": 1, "c": 1}
+    with pytest.raises(InvalidRequestError):
+        adm.offer(Ticket(ticket("a", 9).request, "a", "acme/m", "online", "elsewhere"))
+
+
+@pytest.mark.slow
+def test_a_flood_of_a_split_chain_is_refused_typed_and_the_cluster_keeps_serving(tiny_zoo):
+    """Bounded (~30 s), a real LocalCluster of two workers with platform/tiny-base split over them:
+    acme sends 96 requests at once to the split chain (its bound on the first segment's worker is
+    8 queued, with a batch of 4); the excess gets OverloadedError in the caller, counted by the
+    first worker's admission; globex's requests to the same chain, sent into the flood, are never
+    refused and finish before the flood does; every request served has the unloaded run's tokens,
+    and the chain serves normally afterwards."""
+    import dask
+    import distributed
+
+    from blockllm.auth import create_key
+    from blockllm.client import Client, GenerationRequest
+
+    model, n = "platform/tiny-base", 16
+    sampling = SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+    def reqs(tag: str, k: int, prompt: str = "3 + 4 =") -> list[GenerationRequest]:
+        return [GenerationRequest(model=model, prompt=prompt, sampling=sampling, request_id=f"{tag}-{i}") for i in range(k)]
+
+    with dask.config.set({"blockllm.serving.max-queued-per-tenant": 8, "blockllm.serving.engine-waiting": 2}), distributed.LocalCluster(
+        n_workers=2, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", host="127.0.0.1"
+    ) as cluster, distributed.Client(cluster) as dc:
+        dc.wait_for_workers(2, timeout=120)
+        flooder = Client(dc, api_key=create_key(tiny_zoo, "acme"), zoo=tiny_zoo.url, engine={"max_batch_size": 4})
+        quiet = Client(dc, api_key=create_key(tiny_zoo, "globex"), zoo=tiny_zoo.url, engine={"max_batch_size": 4})
+        plan = flooder.place([model], split={model: 2})
+        first = plan.splits[model][0].worker
+        assert plan.splits[model][1].worker != first
+        expected = flooder.submit(reqs("ref", 1))[0].result(60).token_ids
+        quiet_expected = quiet.submit(reqs("qref", 1, "the"))[0].result(60).token_ids
+
+        t0 = time.monotonic()
+        finished_at: dict[str, float] = {}
+
+        def track(futures, requests):
+            for f, r in zip(futures, requests, strict=True):
+                f.add_done_callback(lambda _f, rid=r.request_id: finished_at.setdefault(rid, time.monotonic()))
+            return futures
+
+        flood_reqs = reqs("flood", 96)
+        flood = track(flooder.submit(flood_reqs), flood_reqs)
+        quiet_reqs = reqs("quiet", 4, "the")
+        quiet_futures = track(quiet.submit(quiet_reqs), quiet_reqs)
+        served, refused = [], []
+        for f in flood:
+            try:
+                served.append(f.result(120))
+            except OverloadedError as e:
+                refused.append(e)
+        quiet_done = [f.result(120) for f in quiet_futures]  # never refused
+        stats = flooder.stats()[first]
+        after = flooder.submit(reqs("after", 2))
+        after_done = [f.result(60) for f in after]
+        print(f"\nsplit-chain flood: {len(served)} of 96 served, {len(refused)} refused (OverloadedError); "
+              f"globex 4 of 4 served; {time.monotonic() - t0:.1f} s")
+
+    assert refused and 8 <= len(served) < 96
+    assert all(e.retry_after > 0 and "max-queued-per-tenant" in str(e) for e in refused)
+    assert stats["admission"]["rejected"].get("acme") == len(refused)  # refused by the same admission as unsplit requests
+    assert stats["admission"]["per_tenant"] == {} and stats["split"]["routes"] == {model: plan.splits[model][1].worker}
+    assert all(c.token_ids == expected and c.worker == first for c in served + after_done)
+    assert all(c.token_ids == quiet_expected for c in quiet_done)
+    assert max(finished_at[r.request_id] for r in quiet_reqs) < max(finished_at[c.request_id] for c in served)

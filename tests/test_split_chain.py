@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -250,3 +251,93 @@ def test_a_stale_release_does_not_drop_a_restarted_request(tiny_zoo, tiny_family
     assert last.stats().remote_requests == 1
     last.release([["r", 2]])
     assert last.stats().remote_requests == 0 and last.stats().kv_pages_used == 0
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _sum(series: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in series.items() if n == name and all(dict(ls).get(k) == val for k, val in labels.items()))
+
+
+@pytest.mark.slow
+def test_split_chain_prometheus_counters_match_what_ran(cluster_clients, tiny_family, tok):
+    """Bounded (~20 s): 18 greedy requests through chains split over two workers, speculation on;
+    the workers' /metrics count every request's hand-offs, rows and bytes on both sides, and every
+    speculative guess as a hit or a miss; the scheduler's /metrics show the same sums."""
+    from blockllm.client import GenerationRequest
+    from blockllm.monitoring import install
+
+    keys = [m.key for m in members(tiny_family)]
+    client = cluster_clients["platform"]
+    dask = client.dask
+    install(dask)
+    plan = client.place(keys, split={k: SPLIT_AT for k in keys})
+    _set_speculation(dask, True)
+    info = dask.scheduler_info(n_workers=-1)["workers"]
+    urls = {w: f"http://127.0.0.1:{info[w]['services']['dashboard']}/metrics" for w in info}
+    scheduler_url = dask.dashboard_link.rsplit("/", 1)[0] + "/metrics"
+    firsts = {plan.splits[k][0].worker for k in keys}
+    lasts = {plan.splits[k][1].worker for k in keys}
+
+    def counts() -> dict[str, dict]:
+        return {w: _scrape(u) for w, u in urls.items()}
+
+    before = counts()
+    futures, expected = [], {k: {"tokens": 0, "rows": 0, "guesses": 0} for k in keys}
+    for m in members(tiny_family):
+        for p in PROMPTS:
+            ids = tok(p)["input_ids"]
+            req = GenerationRequest(model=m.key, prompt_token_ids=ids, sampling=SamplingParams(max_new_tokens=N, ignore_eos=True))
+            futures.append(cluster_clients[m.tenant].submit([req])[0])
+            expected[m.key]["tokens"] += N
+            expected[m.key]["rows"] += len(ids) + N - 1  # the prompt, then every generated token but the last
+            expected[m.key]["guesses"] += N - 1  # a guess at every step but the one sampling the last token
+    done = [f.result(120) for f in futures]
+    assert all(len(c.token_ids) == N for c in done)
+    after = counts()
+
+    def delta(name: str, workers, **labels) -> float:
+        return sum(_sum(after[w], name, **labels) - _sum(before[w], name, **labels) for w in workers)
+
+    every = list(urls)
+    row_bytes = 128 * 4  # the tiny family's hidden size, float32 on the CPU
+    for k in keys:
+        e = expected[k]
+        sent = delta("blockllm_split_handoffs_sent_total", firsts, model=k)
+        # one hand-off per step of a request: its one-chunk prefill, then one per decode step
+        assert sent == e["tokens"] >= N * len(PROMPTS), k
+        assert delta("blockllm_split_handoffs_received_total", lasts, model=k) == sent
+        assert delta("blockllm_split_handoff_rows_sent_total", firsts, model=k) == e["rows"]
+        assert delta("blockllm_split_handoff_rows_received_total", lasts, model=k) == e["rows"]
+        assert delta("blockllm_split_handoff_bytes_sent_total", firsts, model=k) == e["rows"] * row_bytes
+        assert delta("blockllm_split_handoff_bytes_received_total", lasts, model=k) == e["rows"] * row_bytes
+        assert delta("blockllm_split_handoffs_sent_total", lasts, model=k) == 0  # the last segment sends none
+    messages = delta("blockllm_split_handoff_messages_sent_total", every)
+    assert messages == delta("blockllm_split_handoff_messages_received_total", every) == delta("blockllm_split_steps_total", every)
+    assert 0 < messages < sum(e["tokens"] for e in expected.values())  # requests share each step's message
+    assert delta("blockllm_split_handoff_failures_total", every) == 0
+    guesses = delta("blockllm_split_speculation_guesses_total", every)
+    hits, misses = delta("blockllm_split_speculation_hits_total", every), delta("blockllm_split_speculation_misses_total", every)
+    assert guesses == hits + misses == sum(e["guesses"] for e in expected.values())
+    assert hits > 0 and misses > 0
+    assert delta("blockllm_split_wait_seconds_total", every) > 0
+
+    # the scheduler's /metrics: the same counters summed over the workers (the monitor polls once a second)
+    want = {k: sum(_sum(after[w], "blockllm_split_handoffs_sent_total", model=k) for w in every) for k in keys}
+    deadline = time.monotonic() + 15
+    while True:
+        ss = _scrape(scheduler_url)
+        got = {k: _sum(ss, "blockllm_cluster_split_handoffs_sent", model=k) for k in keys}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want
+    assert _sum(ss, "blockllm_cluster_split_speculation_hits") == sum(_sum(after[w], "blockllm_split_speculation_hits_total") for w in every)

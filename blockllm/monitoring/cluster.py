@@ -19,6 +19,7 @@ from distributed import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from ..metrics import SchedulerCollector, percentile
+from .split import SplitSchedulerCollector, split_totals
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def aggregate(workers: Mapping[str, Mapping[str, Any]], polls: int = 0) -> dict[
         "substitutions": dict(substitutions),
         "percentiles": {k: {f"0.{q:02d}" if q < 100 else "1": percentile(v, q) for q in QUANTILES} for k, v in samples.items()},
         "totals": dict(totals),
+        "split": split_totals(workers),  # hand-offs and speculation of chains split across workers
     }
 
 
@@ -114,6 +116,7 @@ class MonitorSchedulerPlugin(SchedulerPlugin):
         self.scheduler = None
         self._pc: PeriodicCallback | None = None
         self._collector = None
+        self._split_collector = None
         self._page = None
 
     async def start(self, scheduler) -> None:
@@ -126,6 +129,8 @@ class MonitorSchedulerPlugin(SchedulerPlugin):
 
             self._collector = SchedulerCollector(lambda: self.view)
             prometheus_client.REGISTRY.register(self._collector)
+            self._split_collector = SplitSchedulerCollector(lambda: self.view)
+            prometheus_client.REGISTRY.register(self._split_collector)
         except ImportError:
             pass
         if self.dashboard:
@@ -140,14 +145,16 @@ class MonitorSchedulerPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self._pc is not None:
             self._pc.stop()
-        if self._collector is not None:
-            import prometheus_client
+        for attr in ("_collector", "_split_collector"):
+            collector = getattr(self, attr)
+            if collector is not None:
+                import prometheus_client
 
-            try:
-                prometheus_client.REGISTRY.unregister(self._collector)
-            except KeyError:
-                pass
-            self._collector = None
+                try:
+                    prometheus_client.REGISTRY.unregister(collector)
+                except KeyError:
+                    pass
+                setattr(self, attr, None)
         if self._page is not None:
             self._page.remove()
             self._page = None

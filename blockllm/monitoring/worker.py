@@ -22,6 +22,7 @@ from distributed import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from ..metrics import HostMetrics, WorkerCollector, engine_view
+from .split import SplitWorkerCollector, split_view
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class _HostWatch:
             "traffic": dict(stats.get("traffic") or {}),
             "stats_age": (time.time() - self.stats_time) if self.stats_time else None,
             "metrics": metrics.snapshot(),
+            "split": split_view(getattr(host, "split", None)),  # live counters, not the cached stats
         }
 
 
@@ -184,6 +186,7 @@ def _register_collector() -> None:
             return
         _collector = WorkerCollector(_process_views)
         prometheus_client.REGISTRY.register(_collector)
+        prometheus_client.REGISTRY.register(SplitWorkerCollector(_process_views))  # blockllm_split_*
 
 
 class MonitorWorkerPlugin(WorkerPlugin):

@@ -3,6 +3,10 @@ out fairly across tenants (deficit round-robin), online requests before batch on
 
 The engine only ever holds a few waiting requests (`serving.engine-waiting`); everything else
 waits here, so a flood from one tenant cannot fill the engine's queue ahead of a quiet tenant.
+A host feeds two consumers: its whole-chain engine and, for chains split across workers whose
+first segment is here, the split driver (serving/handoff.py). Each takes from its own lane of
+queues, fairly within it, but the bounds per tenant and per model count both lanes together: a
+split request is admitted, bounded and refused exactly like an unsplit one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ..exceptions import InvalidRequestError, OverloadedError
 from ..types import Request
 
 PRIORITIES = ("online", "batch")
+LANES = ("engine", "split")  # who takes a ticket: the whole-chain engine, or the split-chain driver
 # Request.priority in the engine: higher is admitted first and preempted last.
 ENGINE_PRIORITY = {"online": 1, "batch": 0}
 
@@ -40,6 +45,7 @@ class Ticket:
     tenant: str
     model: str  # the model as asked for (the per-model bound counts it)
     priority: str = "online"
+    lane: str = "engine"  # "split": its chain starts with a segment here and the split driver takes it
 
     @property
     def cost(self) -> int:
@@ -120,7 +126,8 @@ class Admission:
         self.max_per_tenant = int(max_per_tenant or _config.get("serving.max-queued-per-tenant", 256))
         self.max_per_model = int(max_per_model or _config.get("serving.max-queued-per-model", 1024))
         quantum = int(quantum or _config.get("serving.fair-quantum", 32))
-        self._classes = {p: _RoundRobin(quantum) for p in PRIORITIES}
+        # one fair queue per lane and priority; the bounds below span them all
+        self._lanes = {lane: {p: _RoundRobin(quantum) for p in PRIORITIES} for lane in LANES}
         self._tenants: Counter[str] = Counter()
         self._models: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -143,7 +150,12 @@ class Admission:
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(len(c) for c in self._classes.values())
+            return sum(len(c) for classes in self._lanes.values() for c in classes.values())
+
+    def pending(self, lane: str = "engine") -> int:
+        """Tickets queued for one consumer (`lane`)."""
+        with self._lock:
+            return sum(len(c) for c in self._lanes[lane].values())
 
     def queued(self, tenant: str | None = None) -> int:
         with self._lock:
@@ -172,26 +184,29 @@ class Admission:
 
     def offer(self, ticket: Ticket) -> None:
         """Queue a ticket, or raise OverloadedError (with a Retry-After estimate) when a bound is hit."""
-        if ticket.priority not in self._classes:
+        if ticket.priority not in PRIORITIES:
             raise InvalidRequestError(f"priority must be one of {list(PRIORITIES)}, not {ticket.priority!r}")
+        if ticket.lane not in LANES:
+            raise InvalidRequestError(f"lane must be one of {list(LANES)}, not {ticket.lane!r}")
         with self._lock:
             self._check(ticket.tenant, ticket.model)
-            self._classes[ticket.priority].push(ticket)
+            self._lanes[ticket.lane][ticket.priority].push(ticket)
             self.last_seen[ticket.tenant] = time.monotonic()
             self._tenants[ticket.tenant] += 1
             self._models[ticket.model] += 1
 
-    def take(self, online: int, batch: int = 0, skip: frozenset[str] = frozenset()) -> list[Ticket]:
-        """Up to `online` tickets, online ones first in fair order; batch ones only when no online
-        ticket waits, and at most `batch` of them (the capacity online work leaves free). Tenants
-        in `skip` (at their share of the engine) get none this time."""
+    def take(self, online: int, batch: int = 0, skip: frozenset[str] = frozenset(), lane: str = "engine") -> list[Ticket]:
+        """Up to `online` tickets of `lane`, online ones first in fair order; batch ones only when no
+        online ticket of the lane waits, and at most `batch` of them (the capacity online work
+        leaves free). Tenants in `skip` (at their share of the consumer) get none this time."""
         out: list[Ticket] = []
+        classes = self._lanes[lane]
         with self._lock:
-            while len(out) < online and (t := self._classes["online"].pop(skip)) is not None:
+            while len(out) < online and (t := classes["online"].pop(skip)) is not None:
                 out.append(t)
-            if not len(self._classes["online"]):  # batch work only fills what online work left free
+            if not len(classes["online"]):  # batch work only fills what online work left free
                 room = min(online, len(out) + max(0, batch - len(out)))
-                while len(out) < room and (t := self._classes["batch"].pop(skip)) is not None:
+                while len(out) < room and (t := classes["batch"].pop(skip)) is not None:
                     out.append(t)
             for t in out:
                 self._forget(t)
@@ -207,7 +222,7 @@ class Admission:
         out = []
         with self._lock:
             for rid in request_ids:
-                for rr in self._classes.values():
+                for rr in (c for classes in self._lanes.values() for c in classes.values()):
                     t = rr.remove(rid)
                     if t is not None:
                         self._forget(t)
@@ -218,7 +233,8 @@ class Admission:
     def snapshot(self) -> dict:
         with self._lock:
             return {
-                "queued": {p: len(c) for p, c in self._classes.items()},
+                "queued": {p: sum(len(classes[p]) for classes in self._lanes.values()) for p in PRIORITIES},
+                "queued_split": sum(len(c) for c in self._lanes["split"].values()),
                 "per_tenant": dict(+self._tenants),
                 "per_model": dict(+self._models),
                 "rejected": dict(self.rejected),

@@ -112,6 +112,15 @@ class SplitDriver:
     def serves(self, model: str) -> bool:
         return model in self.routes
 
+    def check_request(self, req: Request) -> None:
+        """Raise the typed error `add_request` would raise for `req`, queueing nothing (admission
+        checks a request before it waits in its queues)."""
+        self._sequence(req)
+
+    def queued_adds(self) -> int:
+        """Requests (and aborts) handed to the driver's thread and not yet picked up by it."""
+        return self._inbox.qsize()
+
     def add_request(self, req: Request) -> None:
         """Validate (typed errors in the caller) and queue; the driver thread picks it up."""
         seq = self._sequence(req)
@@ -344,6 +353,48 @@ class SplitDriver:
         }
 
 
+class HandoffCounters:
+    """What crossed this worker's segment boundaries since it started, per model: hand-offs (one
+    request's rows in one step's message), rows and hidden-state bytes, sent to the next segment's
+    worker and received from the previous one; messages (one per step and next worker) and the
+    ones that got no reply. Exported as `blockllm_split_*` series (monitoring/split.py)."""
+
+    FIELDS = ("handoffs_sent", "rows_sent", "bytes_sent", "handoffs_received", "rows_received", "bytes_received")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.per_model: dict[str, dict[str, int]] = {}
+        self.messages_sent = self.messages_received = self.messages_failed = 0
+
+    def count(self, direction: str, items: list[dict], hidden: dict | None) -> None:
+        """One message of `items` (its rows packed in `hidden`) going "sent" or "received"."""
+        shape = list((hidden or {}).get("shape") or [0])
+        total = int(shape[0]) if shape else 0
+        row_bytes = len((hidden or {}).get("data") or b"") // total if total else 0
+        with self._lock:
+            if direction == "sent":
+                self.messages_sent += 1
+            else:
+                self.messages_received += 1
+            for it in items:
+                c = self.per_model.setdefault(str(it.get("model")), dict.fromkeys(self.FIELDS, 0))
+                n = int(it.get("n", 0))
+                c[f"handoffs_{direction}"] += 1
+                c[f"rows_{direction}"] += n
+                c[f"bytes_{direction}"] += n * row_bytes
+
+    def failed(self) -> None:
+        with self._lock:
+            self.messages_failed += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "messages_sent": self.messages_sent, "messages_received": self.messages_received,
+                "messages_failed": self.messages_failed, "models": {m: dict(c) for m, c in self.per_model.items()},
+            }
+
+
 def _failed(error: BaseException) -> Future:
     f: Future = Future()
     f.set_exception(error)
@@ -356,6 +407,7 @@ class SplitHost:
     def __init__(self, worker: Any, block_host: Any, engine_kwargs: dict | None = None) -> None:
         self.worker, self.block_host = worker, block_host
         self.engine = SegmentEngine(block_host.zoo, **dict(engine_kwargs or {}))
+        self.counters = HandoffCounters()
         self.driver = SplitDriver(
             self.engine, self._send, self._release_remote,
             on_outputs=block_host._record, on_error=self._on_error,
@@ -370,7 +422,14 @@ class SplitHost:
         async def call():
             return await self.worker.rpc(address).blockllm_segment_step(items=items, hidden=hidden)
 
-        return asyncio.run_coroutine_threadsafe(call(), self.loop)
+        self.counters.count("sent", items, hidden)
+        fut = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        fut.add_done_callback(self._replied)
+        return fut
+
+    def _replied(self, fut: Future) -> None:
+        if fut.cancelled() or fut.exception() is not None or (fut.result() or {}).get("error"):
+            self.counters.failed()
 
     def _release_remote(self, address: str, rids: list[str]) -> None:
         async def call():
@@ -407,13 +466,15 @@ class SplitHost:
     def stats(self) -> dict[str, Any]:
         import dataclasses
 
-        return {**dataclasses.asdict(self.engine.stats()), **self.driver.stats()}
+        return {**dataclasses.asdict(self.engine.stats()), **self.driver.stats(), "handoffs": self.counters.snapshot()}
 
     def stop(self) -> None:
         self.driver.stop()
 
     # ------------------------------------------------------------------ RPC handlers
     async def handle_step(self, comm=None, items=None, hidden=None) -> dict[str, Any]:
+        self.counters.count("received", list(items or []), hidden)
+
         def run():
             try:
                 return {"tokens": self.engine.step_remote(list(items or []), unpack(hidden, self.engine.device))}

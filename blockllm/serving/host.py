@@ -140,9 +140,11 @@ class BlockHost:
             log.exception("block host could not start its engine")
             raise
         while not self._stop.is_set():
-            busy = self.engine.has_unfinished() or len(self.admission) > 0
+            busy = self.engine.has_unfinished() or self.admission.pending("engine") > 0
+            # split requests queued here wait for room in the split driver, which steps on its own thread
+            idle = 0.005 if self.admission.pending("split") else 0.05
             try:
-                item = self._inbox.get(timeout=0 if busy else 0.05)
+                item = self._inbox.get(timeout=0 if busy else idle)
             except queue.Empty:
                 item = False
             while item:
@@ -158,6 +160,10 @@ class BlockHost:
             if item is None:
                 break
             self._hand_out()
+            try:
+                self._hand_out_split()
+            except Exception:  # never let the stepping thread die of it: every later call would hang
+                log.exception("handing split-chain requests to the split driver failed")
             if self.engine.has_unfinished():
                 started = time.perf_counter()
                 try:
@@ -192,11 +198,43 @@ class BlockHost:
             try:
                 self.engine.add_request(t.request)
             except Exception as e:  # e.g. its model was unloaded while it waited: fail it, typed
-                with self._lock:
-                    tr = self._tracked.get(t.request.request_id)
-                    if tr is not None and not tr.finished:
-                        tr.finished, tr.error, tr.finish_reason = True, error_to_wire(e), "error"
-                self._notify()
+                self._fail_ticket(t, e)
+
+    def _hand_out_split(self) -> None:
+        """The same for requests whose chain starts with a segment here: from admission's split lane
+        into the split driver, a few at a time (`serving.engine-waiting` ahead of its batch)."""
+        if self.split is None or not self.admission.pending("split"):
+            return
+        driver = self.split.driver
+        sched = driver.scheduler
+        running, waiting = list(sched.running), list(sched.waiting)  # the driver's thread changes them
+        handed = driver.queued_adds()  # handed out, not yet picked up by its thread: counted as online
+        waiting_online = handed + sum(s.req.priority >= ENGINE_PRIORITY["online"] for s in waiting)
+        room = self.engine_waiting - waiting_online
+        if room <= 0:
+            return
+        queued = handed + len(waiting)
+        free = min(self.engine_waiting - queued, driver.engine.max_batch_size - len(running) - queued)
+        batch_room = 0 if waiting_online else max(0, free)
+        in_driver: Counter[str] = Counter()
+        with self._lock:
+            for seq in (*running, *waiting):
+                tr = self._tracked.get(seq.req.request_id)
+                if tr is not None:
+                    in_driver[tr.tenant] += 1
+        skip = self.admission.at_share(in_driver, driver.engine.max_batch_size)
+        for t in self.admission.take(room, batch_room, skip, lane="split"):
+            try:
+                driver.add_request(t.request)
+            except Exception as e:  # e.g. its segment was re-placed while it waited
+                self._fail_ticket(t, e)
+
+    def _fail_ticket(self, t: Ticket, error: Exception) -> None:
+        with self._lock:
+            tr = self._tracked.get(t.request.request_id)
+            if tr is not None and not tr.finished:
+                tr.finished, tr.error, tr.finish_reason = True, error_to_wire(error), "error"
+        self._notify()
 
     def _record(self, outputs) -> None:
         now = time.monotonic()
@@ -301,7 +339,9 @@ class BlockHost:
                 self.admission.check(tenant, wire.model)  # a flood is refused before any work on it
                 req, tenant, substitutions = self._prepare(wire)
                 split = self.split.driver if self.split is not None and self.split.driver.serves(req.model) else None
-                if split is None:
+                if split is not None:  # its chain starts with a segment here (handoff.py)
+                    split.check_request(req)
+                else:
                     engine = self.engine
                     if engine is not None:  # its checks only read: no hop to the stepping thread
                         engine.check_request(req)
@@ -314,11 +354,8 @@ class BlockHost:
                         req.model, tenant, time.monotonic(), wire.model, len(req.prompt_token_ids), substitutions=substitutions,
                         prefix=wire.resume_token_ids, stop=wire.sampling.stop,
                     )
-                try:
-                    if split is not None:  # its chain starts with a segment here (handoff.py)
-                        split.add_request(req)
-                    else:
-                        self.admission.offer(Ticket(req, tenant, wire.model, wire.priority))
+                try:  # split or not, it waits in the same bounded, fair queues
+                    self.admission.offer(Ticket(req, tenant, wire.model, wire.priority, "split" if split is not None else "engine"))
                 except BaseException:
                     with self._lock:
                         self._tracked.pop(req.request_id, None)
