@@ -335,33 +335,16 @@ def _gauge(g, name: str, doc: str, value: Any):
     return fam
 
 
-class WorkerCollector:
-    """Prometheus collector for the block hosts of this process (read at scrape time).
+class ViewCollector:
+    """A Prometheus collector over a view read at scrape time (`families(view)` makes the series).
 
-    `views` returns one view per live block host; a process normally has one worker. Where
-    several share a process (an in-process cluster) their series are emitted once per host with
-    the same names, so the collector adds them up.
+    A failing read is logged and yields nothing: a scrape must never take the endpoint down.
+    Unchecked (`describe` is empty): the families depend on what is loaded.
     """
 
-    def __init__(self, views: Callable[[], list[Mapping[str, Any]]]) -> None:
-        self._views = views
+    what = "blockllm metrics"
 
-    def describe(self) -> list:
-        return []  # no fixed set: families depend on what is loaded (unchecked collector)
-
-    def collect(self) -> Iterator[Any]:
-        try:
-            views = self._views()
-        except Exception:  # a scrape must never take the endpoint down
-            log.exception("collecting blockllm worker metrics failed")
-            return
-        yield from _merge_families(host_metric_families(v) for v in views)
-
-
-class SchedulerCollector:
-    """Prometheus collector for the cluster view the monitor keeps on the scheduler."""
-
-    def __init__(self, view: Callable[[], Mapping[str, Any] | None]) -> None:
+    def __init__(self, view: Callable[[], Any]) -> None:
         self._view = view
 
     def describe(self) -> list:
@@ -371,10 +354,35 @@ class SchedulerCollector:
         try:
             view = self._view()
         except Exception:
-            log.exception("collecting blockllm scheduler metrics failed")
+            log.exception("collecting %s failed", self.what)
             return
-        if not view:
-            return
+        if view:
+            yield from self.families(view)
+
+    def families(self, view: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class WorkerCollector(ViewCollector):
+    """Prometheus collector for the block hosts of this process (read at scrape time).
+
+    The view is one entry per live block host; a process normally has one worker. Where several
+    share a process (an in-process cluster) their series are emitted once per host with the same
+    names, so the collector adds them up.
+    """
+
+    what = "blockllm worker metrics"
+
+    def families(self, views: list[Mapping[str, Any]]) -> Iterator[Any]:
+        yield from _merge_families(host_metric_families(v) for v in views)
+
+
+class SchedulerCollector(ViewCollector):
+    """Prometheus collector for the cluster view the monitor keeps on the scheduler."""
+
+    what = "blockllm scheduler metrics"
+
+    def families(self, view: Mapping[str, Any]) -> Iterator[Any]:
         _, g, _ = _families()
         workers = view.get("workers") or {}
         yield _gauge(g, "workers", "Workers running a block host.", sum(1 for w in workers.values() if w.get("host")))

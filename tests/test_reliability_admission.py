@@ -278,3 +278,28 @@ def test_a_flood_of_a_split_chain_is_refused_typed_and_the_cluster_keeps_serving
     assert all(c.token_ids == expected and c.worker == first for c in served + after_done)
     assert all(c.token_ids == quiet_expected for c in quiet_done)
     assert max(finished_at[r.request_id] for r in quiet_reqs) < max(finished_at[c.request_id] for c in served)
+
+
+def test_a_block_host_whose_stepping_thread_died_fails_calls_at_once(tiny_zoo):
+    """A host whose engine cannot start answers every call with a typed error, never a hang (the
+    placement task waiting on it would otherwise wait for ever)."""
+    from blockllm.exceptions import BlockLLMError
+    from blockllm.serving.host import BlockHost
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        host = BlockHost(tiny_zoo.url, engine_kwargs={"dtype": "no_such_dtype"})
+        host.start(loop)
+        t0 = time.monotonic()
+        with pytest.raises(BlockLLMError, match="block host stopped"):
+            host.load(["platform/tiny-base"])
+        with pytest.raises(BlockLLMError, match="block host stopped"):
+            host.load(["platform/tiny-base"])  # and so does every later call
+        assert time.monotonic() - t0 < 30
+        host.stop()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

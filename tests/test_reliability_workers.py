@@ -53,23 +53,10 @@ def test_killing_a_worker_mid_flight_loses_no_request_and_changes_no_output(dask
     clean_s = time.monotonic() - t0
 
     t0 = time.monotonic()
-    futures = client.submit(requests(40, on_victim))
-    streamed: list[int] = []  # and one stream, read on a thread while its worker dies
-    stream_req = requests(41, on_victim)[40]
-    reader = threading.Thread(target=lambda: [streamed.extend(ids) for ids in client.stream(stream_req)], daemon=True)
-    reader.start()
-    before = client.stats()[victim]["engine"]["tokens_generated"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # until the victim has made some tokens, so resuming matters
-        if client.stats()[victim]["engine"]["tokens_generated"] - before > 100 and streamed:
-            break
-        time.sleep(0.02)
-    in_flight = sum(not f.done() for f in futures)
-    streamed_at_kill = len(streamed)
-    pid = dask_client.run(os.getpid, workers=[victim])[victim]
-    os.kill(pid, signal.SIGKILL)
-    got = [f.result(240) for f in futures]  # raises if any request was lost
-    reader.join(240)
+    in_flight, streamed_at_kill, got, streamed, reader = kill_mid_generation(
+        client, dask_client, victim, requests(40, on_victim), requests(41, on_victim)[40],
+        lambda: client.stats()[victim]["engine"]["tokens_generated"], 101, 240,
+    )
     print(f"\nworker loss: {in_flight} in flight at the kill (and a stream {streamed_at_kill} tokens in), 0 lost, {len(got)} identical; "
           f"{time.monotonic() - t0:.1f} s with the fault vs {clean_s:.1f} s without")
 
@@ -132,22 +119,9 @@ def test_killing_a_worker_of_a_split_chain_mid_generation_resumes_token_identica
 
     t0 = time.monotonic()
     reqs = _split_requests(13, models, "r")
-    futures = client.submit(reqs[:12])
-    streamed: list[int] = []
-    reader = threading.Thread(target=lambda: [streamed.extend(ids) for ids in client.stream(reqs[12])], daemon=True)
-    reader.start()
-    before = _split_steps(client, first)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # some tokens in, so resuming matters
-        if _split_steps(client, first) - before >= 12 and streamed:
-            break
-        time.sleep(0.02)
-    in_flight = sum(not f.done() for f in futures)
-    streamed_at_kill = len(streamed)
-    pid = dask_client.run(os.getpid, workers=[victim])[victim]
-    os.kill(pid, signal.SIGKILL)
-    got = [f.result(120) for f in futures]  # raises if any request was lost
-    reader.join(120)
+    in_flight, streamed_at_kill, got, streamed, reader = kill_mid_generation(
+        client, dask_client, victim, reqs[:12], reqs[12], lambda: _split_steps(client, first), 12, 120
+    )
     print(f"\nsplit chain, {'first' if segment == 0 else 'last'} segment's worker killed: {in_flight} in flight at the kill "
           f"(a stream {streamed_at_kill} tokens in), 0 lost, {len(got)} identical; {time.monotonic() - t0:.1f} s with the fault "
           f"vs {clean_s:.1f} s without")
@@ -158,3 +132,27 @@ def test_killing_a_worker_of_a_split_chain_mid_generation_resumes_token_identica
     assert not reader.is_alive() and tuple(streamed) == stream_reference  # the stream resumed, same tokens
     assert all(c.worker != victim and len(c.token_ids) == N_SPLIT for c in got)
     assert all(m in client.plan.splits and victim not in {s.worker for s in client.plan.splits[m]} for m in models)  # split again
+
+
+def kill_mid_generation(client, dask_client, victim, reqs, stream_req, progress, need, timeout):
+    """Submit `reqs` and stream `stream_req` (read on a thread), wait until `progress()` has grown
+    by `need` and the stream has tokens (so resuming matters), SIGKILL the victim worker's process,
+    then collect: (requests in flight at the kill, stream tokens at the kill, results, the stream's
+    tokens, its reader thread)."""
+    futures = client.submit(reqs)
+    streamed: list[int] = []
+    reader = threading.Thread(target=lambda: [streamed.extend(ids) for ids in client.stream(stream_req)], daemon=True)
+    reader.start()
+    before = progress()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if progress() - before >= need and streamed:
+            break
+        time.sleep(0.02)
+    in_flight = sum(not f.done() for f in futures)
+    streamed_at_kill = len(streamed)
+    pid = dask_client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)
+    got = [f.result(timeout) for f in futures]  # raises if any request was lost
+    reader.join(timeout)
+    return in_flight, streamed_at_kill, got, streamed, reader

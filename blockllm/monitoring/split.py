@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..metrics import _families, _merge_families
+from ..metrics import ViewCollector, _families, _merge_families
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,12 @@ def split_metric_families(view: Mapping[str, Any]) -> Iterator[Any]:
         yield fam
 
 
-class SplitWorkerCollector:
+class SplitWorkerCollector(ViewCollector):
     """The worker side: `blockllm_split_*` for the block hosts of this process, read at scrape time."""
 
-    def __init__(self, views: Callable[[], list[Mapping[str, Any]]]) -> None:
-        self._views = views
+    what = "blockllm split-chain metrics"
 
-    def describe(self) -> list:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        try:
-            views = self._views()
-        except Exception:  # a scrape must never take the endpoint down
-            log.exception("collecting blockllm split-chain metrics failed")
-            return
+    def families(self, views: list[Mapping[str, Any]]) -> Iterator[Any]:
         yield from _merge_families(split_metric_families(v) for v in views)
 
 
@@ -108,22 +99,13 @@ def split_totals(workers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {**dict(totals), "models": {m: dict(c) for m, c in models.items()}}
 
 
-class SplitSchedulerCollector:
+class SplitSchedulerCollector(ViewCollector):
     """The scheduler side: `blockllm_cluster_split_*` gauges from the monitor's cluster view."""
 
-    def __init__(self, view: Callable[[], Mapping[str, Any] | None]) -> None:
-        self._view = view
+    what = "blockllm split-chain scheduler metrics"
 
-    def describe(self) -> list:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        try:
-            view = self._view()
-        except Exception:
-            log.exception("collecting blockllm split-chain scheduler metrics failed")
-            return
-        split = (view or {}).get("split")
+    def families(self, view: Mapping[str, Any]) -> Iterator[Any]:
+        split = view.get("split")
         if not split:
             return
         _, g, _ = _families()

@@ -118,9 +118,16 @@ class BlockHost:
         self._thread.join(timeout=30)
 
     def _call(self, fn, *args) -> Future:
-        """Run fn(engine, *args) on the stepping thread."""
+        """Run fn(engine, *args) on the stepping thread (failed at once if that thread has died)."""
         fut: Future = Future()
+        dead = getattr(self, "_died", None)
+        if dead is not None:
+            fut.set_exception(BlockLLMError(f"this worker's block host stopped: {dead!r}; its requests go to other workers"))
+            return fut
         self._inbox.put((fn, args, fut))
+        dead = getattr(self, "_died", None)
+        if dead is not None and not fut.done():  # it died between the check and the put
+            fut.set_exception(BlockLLMError(f"this worker's block host stopped: {dead!r}"))
         return fut
 
     def _notify(self, finished: bool = True) -> None:
@@ -132,13 +139,23 @@ class BlockHost:
                 self._loop.call_soon_threadsafe(self._finished.set)
 
     def _run(self) -> None:
+        try:
+            self._steps()
+        except BaseException as e:  # every waiting and later call fails, typed, instead of hanging
+            log.exception("block host's stepping thread stopped")
+            self._died = e
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item and not item[2].done():
+                    item[2].set_exception(BlockLLMError(f"this worker's block host stopped: {e!r}"))
+
+    def _steps(self) -> None:
         from ..engine import Engine
 
-        try:
-            self.engine = Engine(self.zoo, **self.engine_kwargs)
-        except Exception:
-            log.exception("block host could not start its engine")
-            raise
+        self.engine = Engine(self.zoo, **self.engine_kwargs)
         while not self._stop.is_set():
             busy = self.engine.has_unfinished() or self.admission.pending("engine") > 0
             # split requests queued here wait for room in the split driver, which steps on its own thread
