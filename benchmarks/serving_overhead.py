@@ -122,18 +122,34 @@ def served_steps(client: Any, batch: int, p: dict[str, Any], seed: int, model: s
     return {"step_ms": 1e3 * statistics.median(per), "wall_s": wall, "tokens": [list(c.token_ids) for c in done]}
 
 
-def start_cluster(n_workers: int, zoo_url: str, engine: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """A LocalCluster of `n_workers` processes (all on this machine's device) and a blockllm.Client."""
+def start_cluster(n_workers: int, zoo_url: str, engine: dict[str, Any], one_gpu_each: bool | None = None) -> tuple[Any, Any, Any]:
+    """A local cluster of `n_workers` processes and a blockllm.Client. Where the machine has a GPU
+    per worker (or `one_gpu_each`), each worker process sees only its own (CUDA_VISIBLE_DEVICES,
+    as dask-cuda does); otherwise all share this machine's device."""
     import distributed
 
     from blockllm.auth import create_key
     from blockllm.client import Client
     from zoo_store import Zoo
 
-    cluster = distributed.LocalCluster(
-        n_workers=n_workers, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0",
-        host="127.0.0.1", silence_logs=logging.WARNING,
-    )  # fmt: skip
+    if one_gpu_each is None:
+        one_gpu_each = n_workers > 1 and torch.cuda.device_count() >= n_workers
+    if one_gpu_each:
+        workers = {
+            f"gpu{i}": {"cls": distributed.Nanny, "options": {
+                "nthreads": 2, "host": "127.0.0.1", "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+            for i in range(n_workers)
+        }  # fmt: skip
+        cluster = distributed.SpecCluster(
+            workers=workers,
+            scheduler={"cls": distributed.Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}},
+            silence_logs=logging.WARNING,
+        )
+    else:
+        cluster = distributed.LocalCluster(
+            n_workers=n_workers, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0",
+            host="127.0.0.1", silence_logs=logging.WARNING,
+        )  # fmt: skip
     dask = distributed.Client(cluster)
     key = create_key(Zoo(zoo_url), "bench")
     return cluster, dask, Client(dask, api_key=key, zoo=zoo_url, engine=engine)
