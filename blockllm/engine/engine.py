@@ -356,22 +356,12 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             for cls, members in groups
         ]
         decode = all(_decodes(seq, n) for _, members in groups for seq, n in members)
-        graphed = self.cuda_graphs and ops._pow2(lane.pool.head_dim)  # the torch attention sizes itself on the host
-        if decode and graphed and self.decode_graphs == "segments":
-            plan = self._segment_step(lane, groups, item_groups)
-            plan.run()
-            logits, greedy = plan.outputs
+        if decode and self.cuda_graphs and ops._pow2(lane.pool.head_dim):  # the torch attention sizes itself on the host
+            plan, entry = self._graph_step(lane, groups, item_groups)
+            logits, greedy = entry.outputs
         elif decode:
-            sig, plan = self._decode_plan(lane, groups, item_groups)
-            if graphed:  # one graph of the whole step
-                entry = self.graphs.get(sig) or self.graphs.capture(
-                    sig, plan, lambda: run_plan(plan, lane)
-                )
-                entry.graph.replay()
-                entry.replays += 1
-                logits, greedy = entry.outputs
-            else:
-                logits, greedy = run_plan(plan, lane)
+            _, plan = self._decode_plan(lane, groups, item_groups)
+            logits, greedy = run_plan(plan, lane)
         else:
             plan = build_plan(item_groups, padded=False, device=self.device)
             plan.inputs.copy_(torch.from_numpy(fill_inputs(plan, item_groups)))

@@ -9,7 +9,7 @@ dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,6 @@ class _Inflight:
     host: torch.Tensor  # pinned (n_rows,) the greedy tokens land in
     event: torch.cuda.Event | _HostEvent
     generation: int
-    dead: list[int] = field(default_factory=list)  # rows of requests that ended (padding now)
 
 
 class PipelinedDecode:
@@ -70,32 +69,43 @@ class PipelinedDecode:
             (cls, [Item(seq.tokens[-1:], seq.computed, seq.slot, True) for seq, _ in members])
             for cls, members in groups
         ]
-        if self.decode_graphs == "segments":
-            plan = entry = self._segment_step(lane, groups, item_groups)
-            plan.run()  # replays, or captures and thereby computes, each segment
-        else:
-            sig, plan = self._decode_plan(lane, groups, item_groups)
-            entry = self.graphs.get(sig)
-            if entry is None:
-                entry = self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
-            entry.graph.replay()
+        plan, entry = self._graph_step(lane, groups, item_groups)
         advance = np.zeros(plan.n_rows, dtype=np.int64)
         advance[plan.item_rows] = 1
         seqs = [seq for _, members in groups for seq, _ in members]
         return self._replay(lane, plan, entry, list(zip(seqs, plan.item_rows, strict=True)),
                             _pinned(torch.from_numpy(advance)).to(self.device, non_blocking=True), run=False)  # fmt: skip
 
+    def _graph_step(self, lane: Lane, groups: list, item_groups: list) -> tuple[Any, Any]:
+        """Run one decode step on CUDA graphs -> (its plan, its graph entry, whose `outputs` hold the
+        logits and greedy tokens): segment graphs (`engine.decode-graphs: segments`), or one graph
+        of the whole step, replayed (and captured first when this composition is new)."""
+        if self.decode_graphs == "segments":
+            step = self._segment_step(lane, item_groups)
+            step.run()  # replays, or captures and thereby computes, each segment
+            return step, step
+        sig, plan = self._decode_plan(lane, groups, item_groups)
+        entry = self.graphs.get(sig) or self.graphs.capture(sig, plan, lambda: run_plan(plan, lane))
+        entry.graph.replay()
+        entry.replays += 1
+        return plan, entry
+
     def _replay(
         self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor, run: bool = True
     ) -> _Inflight:
         if run:
             entry.graph.replay()
-        entry.replays += 1
+            entry.replays += 1
         host = _pinned(torch.empty(plan.n_rows, dtype=torch.int64))
         host.copy_(entry.outputs[1], non_blocking=True)
         event = torch.cuda.Event() if self.device.type == "cuda" else _HostEvent()
         event.record()
         return _Inflight(lane, plan, entry, rows, advance, host, event, lane.pool.generation)
+
+    @staticmethod
+    def _live_rows(prev: _Inflight) -> list[tuple[Sequence, int]]:
+        """The rows of `prev` whose requests are still going (the rest ended while it ran)."""
+        return [(seq, row) for seq, row in prev.rows if not seq.finished and seq.slot]
 
     def _chainable(self, prev: _Inflight) -> bool:
         """The next step is the same batch one token on: nobody waits or lacks a page, and someone
@@ -103,37 +113,32 @@ class PipelinedDecode:
         pointed at the scratch KV slot (their own pages may already belong to someone else)."""
         if self.scheduler.has_admissible():  # batch work held back by its caps does not count
             return False
-        live = [(seq, row) for seq, row in prev.rows if not seq.finished and seq.slot]
-        if not live:
+        live = self._live_rows(prev)
+        if not live or any(len(seq.tokens) + 1 >= seq.model.context for seq, _ in live):
             return False
-        for seq, _ in live:
-            if len(seq.tokens) + 1 >= seq.model.context:
-                return False
         pool = prev.lane.pool
         if any(not pool.ensure(seq.slot, seq.computed + 2) for seq, _ in live):
             return False
-        if pool.generation != prev.generation:
-            return False
-        alive = {id(seq) for seq, _ in live}
-        prev.dead = [row for seq, row in prev.rows if id(seq) not in alive]
-        prev.rows = live
-        return True
+        return pool.generation == prev.generation
 
     def _chain(self, prev: _Inflight) -> _Inflight:
         """Launch step N+1 from step N's tokens on the device, before the host has seen them."""
         plan = prev.plan
         plan.inputs[0].copy_(prev.entry.outputs[1])  # each row's next token is its own greedy pick
+        live = self._live_rows(prev)
         advance = prev.advance
-        if prev.dead:  # ended rows: position 0 in the scratch slot from now on, and no advancing
-            rows = _pinned(torch.tensor(prev.dead, dtype=torch.int64)).to(self.device, non_blocking=True)
+        if len(live) < len(prev.rows):  # ended rows: position 0 in the scratch slot from now on, no advancing
+            alive = {row for _, row in live}
+            dead = [row for _, row in prev.rows if row not in alive]
+            rows = _pinned(torch.tensor(dead, dtype=torch.int64)).to(self.device, non_blocking=True)
             plan.inputs[1:3].index_fill_(1, rows, 0)
             advance = advance.index_fill(0, rows, 0)
         plan.inputs[1].add_(advance)
         plan.max_ctx += 1  # (only the torch reference attention reads it)
         prev.lane.pool.sync()
-        self._count([(seq, 1) for seq, _ in prev.rows])
+        self._count([(seq, 1) for seq, _ in live])
         self.steps += 1
-        return self._replay(prev.lane, plan, prev.entry, prev.rows, advance)
+        return self._replay(prev.lane, plan, prev.entry, live, advance)
 
     def _collect(self, prev: _Inflight) -> list[RequestOutput]:
         prev.event.synchronize()

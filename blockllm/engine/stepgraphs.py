@@ -12,6 +12,7 @@ so adapters do not key the graphs either.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,9 +144,9 @@ class _Buffers:
     logits: torch.Tensor  # (R + 1, V)
     tokens: torch.Tensor  # (R + 1,) greedy picks
     arena: torch.Tensor  # every segment graph's row indices, at its own offset
-    host_inputs: np.ndarray
+    staging: torch.Tensor  # pinned (4 * (R + 1) + arena size,) int64: both, as the host writes them
+    host_inputs: np.ndarray  # views of `staging`
     host_arena: np.ndarray
-    staging: torch.Tensor  # pinned (4 * (R + 1) + arena size,) int64
     version: int
     regions: dict[tuple, int] = field(default_factory=dict)  # (segment, bucket) -> arena offset
     used: int = 0  # arena entries handed out
@@ -162,7 +163,6 @@ class SegmentStep:
     bufs: _Buffers
     runs: list[tuple[tuple, Segment, int, int]]  # (graph key, segment, arena offset, bucket)
     item_rows: list[int]
-    n_real: int
     replays: int = 0
     entries: list = field(default_factory=list)
 
@@ -289,8 +289,6 @@ class StepGraphs:
         """Run every decode row bucket up to `max_rows` once through a chain of each lane, on the
         scratch row only, so that no request later waits on a Triton JIT compile (each row bucket
         picks its own kernel variants; vLLM warms up at start-up likewise). Returns the seconds."""
-        import time
-
         t0 = time.perf_counter()
         top = bucket(max_rows or 2 * self.max_batch_size)
         with torch.inference_mode():
@@ -323,6 +321,8 @@ class StepGraphs:
         dev = self.device
         pin = torch.cuda.is_available()
         staging = torch.zeros(4 * (rows + 1) + arena, dtype=torch.int64)
+        staging = staging.pin_memory() if pin else staging
+        host = staging.numpy()
         bufs = _Buffers(
             rows,
             torch.zeros(4, rows + 1, dtype=torch.int64, device=dev),
@@ -330,9 +330,9 @@ class StepGraphs:
             torch.zeros(rows + 1, lane.vocab, dtype=lane.dtype, device=dev),
             torch.zeros(rows + 1, dtype=torch.int64, device=dev),
             torch.zeros(arena, dtype=torch.int64, device=dev),
-            np.zeros((4, rows + 1), dtype=np.int64),
-            np.zeros(arena, dtype=np.int64),
-            staging.pin_memory() if pin else staging,
+            staging,
+            host[: 4 * (rows + 1)].reshape(4, rows + 1),
+            host[4 * (rows + 1) :],
             (old.version + 1) if old else 0,
         )
         if old is not None:  # offsets stay valid: a step rewrites every region it uses
@@ -353,9 +353,7 @@ class StepGraphs:
             bufs.used += w[1]
         return bufs
 
-    def _segment_step(
-        self, lane: Lane, groups: list, item_groups: list[tuple[ModelClass, list[Item]]]
-    ) -> SegmentStep:
+    def _segment_step(self, lane: Lane, item_groups: list[tuple[ModelClass, list[Item]]]) -> SegmentStep:
         """Lay out a decode step over the lane's buffers and upload its inputs (nothing runs yet)."""
         classes = [cls for cls, _ in item_groups]
         n = sum(len(items) for _, items in item_groups)
@@ -389,12 +387,10 @@ class StepGraphs:
             key = ("seg", lane.key, lane.pool.generation, self._lora_epoch, bufs.version, seg.key, b)
             runs.append((key, seg, off, b))
         bufs.max_ctx = max(it.start + len(it.tokens) for _, items in item_groups for it in items)
-        k = 4 * (R + 1)
-        bufs.staging[:k].numpy().reshape(4, R + 1)[:] = h
-        bufs.staging[k : k + bufs.used].numpy()[:] = bufs.host_arena[: bufs.used]
+        k = 4 * (R + 1)  # host_inputs and host_arena are the two parts of the pinned staging buffer
         bufs.inputs.view(-1).copy_(bufs.staging[:k], non_blocking=True)
         bufs.arena[: bufs.used].copy_(bufs.staging[k : k + bufs.used], non_blocking=True)
-        step = self._last_seg_step = SegmentStep(self, lane, bufs, runs, item_rows, n)
+        step = self._last_seg_step = SegmentStep(self, lane, bufs, runs, item_rows)
         return step
 
     def _segment_fn(self, lane: Lane, bufs: _Buffers, seg: Segment, off: int, b: int):
