@@ -41,6 +41,22 @@ def requests(n: int, models: list[str]) -> list[GenerationRequest]:
     ]
 
 
+def test_block_hosts_stop_the_task_profiler_only_where_cpython_can_deadlock_in_it(dask_client, tiny_zoo):
+    """On CPython 3.11.0-3.11.8 a worker's task profiler (sys._current_frames every 10 ms) can freeze
+    the whole worker process (cpython#106883): CI saw placement hang for 580 s. Block hosts stop it
+    there, and leave it running on Pythons without the bug."""
+    from blockllm.serving.host import PROFILER_DEADLOCKS
+
+    Client(dask_client, api_key=create_key(tiny_zoo, "acme"), zoo=tiny_zoo.url)  # installs the hosts
+
+    def profiler(dask_worker):
+        return {n: n in dask_worker.periodic_callbacks and dask_worker.periodic_callbacks[n].is_running() for n in ("profile", "profile-cycle")}
+
+    states = dask_client.run(profiler)
+    assert len(states) == 3
+    assert all(st == {"profile": not PROFILER_DEADLOCKS, "profile-cycle": not PROFILER_DEADLOCKS} for st in states.values()), states
+
+
 def test_killing_a_worker_mid_flight_loses_no_request_and_changes_no_output(dask_client, tiny_zoo):
     key = create_key(tiny_zoo, "acme")
     client = Client(dask_client, api_key=key, zoo=tiny_zoo.url, engine={"max_batch_size": 16})

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,28 @@ from .wire import WireRequest, error_to_wire, parse_request
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "blockllm-host"
+
+# CPython 3.11 before 3.11.9 can deadlock the whole process (every thread waiting for the
+# GIL) when sys._current_frames() runs a garbage collection while another thread creates or ends
+# (python/cpython#106883, dask/distributed#8616). A Dask worker calls it every 10 ms while tasks
+# run (its statistical task profiler); block hosts run placement and batch tasks and start and end
+# IO threads all the time, which froze workers in CI. Where the bug exists, hosts stop that profiler.
+PROFILER_DEADLOCKS = sys.implementation.name == "cpython" and (3, 11) <= sys.version_info < (3, 11, 9)
+
+
+def stop_task_profiler(worker) -> bool:
+    """Stop the worker's statistical task profiler where CPython can deadlock in it; True if stopped."""
+    if not PROFILER_DEADLOCKS:
+        return False
+    stopped = False
+    for name in ("profile", "profile-cycle"):
+        pc = worker.periodic_callbacks.pop(name, None)
+        if pc is not None:
+            pc.stop()
+            stopped = True
+    if stopped:
+        log.info("stopped this worker's task profiler: CPython %s can deadlock in sys._current_frames (cpython#106883)", sys.version.split()[0])
+    return stopped
 
 
 @dataclass
@@ -510,6 +533,7 @@ class BlockHostPlugin(WorkerPlugin):
         self.engine_kwargs = engine_kwargs
 
     def setup(self, worker) -> None:
+        stop_task_profiler(worker)
         host = BlockHost(self.zoo_url, self.storage_options, self.engine_kwargs)
         host.start(asyncio.get_running_loop() if _in_loop() else worker.loop.asyncio_loop)
         worker.extensions["blockllm"] = host
