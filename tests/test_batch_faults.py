@@ -302,6 +302,31 @@ def test_eight_drivers_racing_for_a_free_or_a_stale_lease_exactly_one_wins(store
         assert not [p for p in out.fs.ls(out.root, detail=False) if "takeover" in p or ".tmp-" in p]
 
 
+def test_a_slow_holder_that_renews_within_one_more_turn_keeps_its_lease(tmp_path):
+    """A lease seen past its timeout is taken over only if it stays unrenewed for one more renewal
+    turn (timeout/4): a live holder that was merely slow (seen on a starved CI box) keeps it."""
+    from blockllm.batch.jobs import _acquire_lease, _atomic_write, _Output
+
+    out = _Output((tmp_path / "out").as_uri(), {}, "parquet")
+    out.fs.makedirs(out.root, exist_ok=True)
+
+    def lease(renewed: float) -> bytes:
+        return json.dumps({"token": "slow", "job_id": "j", "host": "h", "pid": 1, "renewed": renewed, "timeout": LEASE_S}).encode()
+
+    _atomic_write(out.fs, out.lease, lease(time.time() - 1.5 * LEASE_S))  # looks dead
+    renewer = threading.Timer(LEASE_S / 10, lambda: _atomic_write(out.fs, out.lease, lease(time.time())))  # but renews
+    renewer.start()
+    with pytest.raises(JobRunningError, match="being written"):
+        _acquire_lease(out, "j")
+    renewer.join()
+    assert json.loads(out.fs.cat_file(out.lease))["token"] == "slow"
+
+    _atomic_write(out.fs, out.lease, lease(time.time() - 1.5 * LEASE_S))  # dead for real: taken over
+    taker = _acquire_lease(out, "j")
+    assert json.loads(out.fs.cat_file(out.lease))["token"] == taker.token
+    taker.release()
+
+
 def test_a_task_of_a_driver_that_lost_its_lease_commits_nothing(tmp_path):
     """A partition task left running by a driver whose lease another driver took over raises
     JobRunningError instead of writing its part; a task of the holder (or with no lease) would run."""

@@ -27,9 +27,9 @@ file systems, a conditional PUT with If-None-Match on object stores) and renewed
 resumer, or any job with the same output) raises JobRunningError at once, before anything is
 changed: two drivers would run every missing partition twice over and overwrite each other's
 state document, so the second one is told that the job runs, where, and since when. A lease not
-renewed for `batch.lease-timeout` seconds was left by a dead driver: the next submit takes it
-over and resumes (when several try at once, an exclusive `_lease.takeover-<token>` file lets
-exactly one win; the others get JobRunningError). A driver that finds its lease taken over stops
+renewed for `batch.lease-timeout` seconds, and still not renewed a quarter of that later, was
+left by a dead driver: the next submit takes it over and resumes (when several try at once, an
+exclusive `_lease.takeover-<token>` file lets exactly one win; the others get JobRunningError). A driver that finds its lease taken over stops
 its tasks and raises JobRunningError. Partition tasks re-check the commit marker just before
 writing and do not commit while another driver holds the lease, so tasks left running by a dead
 driver cannot write over the parts of the one that took over. Lease ages are measured with the
@@ -453,6 +453,12 @@ def _acquire_lease(out: _Output, job_id: str) -> _Lease:
             continue  # released meanwhile
         if _fresh(held, timeout):
             raise JobRunningError(f"batch job {job_id} cannot start: {out.url} is being written; {_holder(held)}")
+        # A live holder renews every timeout/4: give it one more such turn before calling it dead, so a
+        # holder that is only slow (a starved machine, a slow store) keeps its lease.
+        time.sleep(timeout / 4)
+        again = _read_lease(out)
+        if again is None or (again.get("token"), again.get("renewed")) != (held.get("token"), held.get("renewed")):
+            continue  # released, renewed or taken over meanwhile: look again
         # Its driver died. Exactly one of those who found it stale takes it over.
         takeover = f"{out.lease}.takeover-{held.get('token') or 'unreadable'}"
         if not _create_exclusive(fs, takeover, lease.document()):
