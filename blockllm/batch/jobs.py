@@ -29,12 +29,13 @@ changed: two drivers would run every missing partition twice over and overwrite 
 state document, so the second one is told that the job runs, where, and since when. A lease not
 renewed for `batch.lease-timeout` seconds, and still not renewed a quarter of that later, was
 left by a dead driver: the next submit takes it over and resumes (when several try at once, an
-exclusive `_lease.takeover-<token>` file lets exactly one win; the others get JobRunningError). A driver that finds its lease taken over stops
-its tasks and raises JobRunningError. Partition tasks re-check the commit marker just before
-writing and do not commit while another driver holds the lease, so tasks left running by a dead
-driver cannot write over the parts of the one that took over. Lease ages are measured with the
-drivers' wall clocks: machines resuming the same job must agree on the time to well within the
-timeout. Stores that ignore conditional PUTs (some S3 look-alikes) cannot make the lease exclusive.
+exclusive `_lease.takeover-<token>` file lets exactly one win; the others get JobRunningError).
+A driver that finds its lease taken over stops its tasks and raises JobRunningError. Partition
+tasks re-check the commit marker just before writing and do not commit while another driver holds
+the lease, so tasks left running by a dead driver cannot write over the parts of the one that
+took over. Lease ages are measured with the drivers' wall clocks: machines resuming the same
+job must agree on the time to well within the timeout. Stores that ignore conditional PUTs
+(some S3 look-alikes) cannot make the lease exclusive.
 """
 
 from __future__ import annotations
