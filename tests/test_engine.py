@@ -341,6 +341,7 @@ def test_segment_graphs_do_not_multiply_with_the_variant_mix(tiny_zoo, tiny_fami
     counts = {}
     for mode in ("segments", "step"):
         eng = emulate_graphs(engine_for(tiny_zoo, tiny_family), mode)
+        eng.prefill_graphs = False  # decode graphs alone (prompt lengths would key prefill graphs)
         for mix in first:
             batch = [req(k, j % len(PROMPTS), tok) for j, k in enumerate(mix)]
             for r, out in zip(batch, eng.generate(batch), strict=True):
@@ -392,19 +393,22 @@ def segments_of_model(eng, key):
     return segments_of([eng.models[key].cls])
 
 
-@pytest.mark.parametrize("split", [True, False])
-def test_steps_mixing_prefills_and_decodes_split_into_a_graph_decode_and_an_eager_prefill(
-    tiny_zoo, tiny_family, tok, refs, split
-):
-    """engine.split-mixed-steps: the decode rows of a mixed step replay their (emulated) graph,
-    the prefill chunks run eagerly beside them; outputs stay those of transformers either way."""
+@pytest.mark.parametrize("mode", ["split", "whole", "graphs"])
+def test_steps_mixing_prefills_and_decodes_run_split_whole_or_on_the_graphs(tiny_zoo, tiny_family, tok, refs, mode):
+    """A step mixing prefill chunks with decodes: with engine.prefill-graphs (default) it replays
+    the segment graphs, one row per token; without, engine.split-mixed-steps runs its decode rows
+    on their graph and the prefill chunks eagerly beside them, or the whole step runs eagerly.
+    Outputs stay those of transformers every way."""
     eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, prefill_chunk=3))  # prompts take several steps, beside decodes
-    eng.split_mixed = split
-    replays = []
-    run_lane = eng._run_lane
-    eng._run_lane = lambda lane, groups: replays.append(  # which forwards each step ran: decode or not
+    eng.split_mixed, eng.prefill_graphs = mode == "split", mode == "graphs"
+    forwards, on_graphs = [], []
+    run_lane, graph_step = eng._run_lane, eng._graph_step
+    eng._run_lane = lambda lane, groups: forwards.append(  # which forwards each step ran: decode or not
         all(n == 1 for _, ms in groups for _, n in ms)
     ) or run_lane(lane, groups)
+    eng._graph_step = lambda lane, groups, items: on_graphs.append(  # and which ran on graphs
+        all(n == 1 for _, ms in groups for _, n in ms)
+    ) or graph_step(lane, groups, items)
     batch = [req(m.key, i, tok) for m in members(tiny_family) for i in (0, 1, 4)]
     eng.add_request(batch[0])
     eng.step()  # batch[0] prefilled (3 tokens) ...
@@ -416,11 +420,15 @@ def test_steps_mixing_prefills_and_decodes_split_into_a_graph_decode_and_an_eage
     for r in batch:
         key, i = r.request_id.split("#")
         assert list(outs[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
-    captured = eng.stats().graphs_captured
-    if split:  # mixed steps ran their decode rows on graphs: more graph steps than without
-        assert captured > 0 and replays.count(True) > 0 and replays.count(False) > 0
-    else:
-        assert not any(replays[1 : replays.index(True)] if True in replays else replays[1:])
+    assert eng.stats().graphs_captured > 0
+    prefill_forwards = forwards.count(False)
+    if mode == "graphs":  # every forward ran on graphs, prefill chunks and mixed steps included
+        assert prefill_forwards > 1 and on_graphs.count(False) == prefill_forwards
+    elif mode == "split":  # mixed steps ran their decode rows on graphs, their prefills eagerly
+        assert forwards.count(True) > 0 and prefill_forwards > 0 and False not in on_graphs
+    else:  # no decode-only forward while prompts were still being prefilled
+        assert not any(forwards[1 : forwards.index(True)] if True in forwards else forwards[1:])
+        assert False not in on_graphs
 
 
 def test_rmsnorm_folded_into_the_gemms_still_matches_transformers(tiny_zoo, tiny_family, tok, refs):

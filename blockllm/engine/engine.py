@@ -140,6 +140,8 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             raise ValueError(f"engine.decode-graphs must be 'segments' or 'step', not {self.decode_graphs!r}")
         self._init_step_graphs(int(_config.get("engine.segment-graph-cache", 1024)))
         self.split_mixed = bool(_config.get("engine.split-mixed-steps", True))
+        # prefill chunks ride the segment graphs as one row per token (stepgraphs.py)
+        self.prefill_graphs = bool(_config.get("engine.prefill-graphs", True))
         self.steps = 0
         self.tokens_generated = 0
         self.last_batch: dict[str, int] = {}
@@ -312,7 +314,7 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         either way; a shared block then runs twice in such a step, once per part, so without
         decode graphs (CPU) there is nothing to gain and the step stays one forward.
         """
-        if not (self.split_mixed and self.cuda_graphs):
+        if not (self.split_mixed and self.cuda_graphs) or self._prefill_on_graphs(groups):
             return [groups]
         decode, prefill = [], []
         for cls, members in groups:
@@ -323,6 +325,16 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             if p:
                 prefill.append((cls, p))
         return [part for part in (decode, prefill) if part] if decode and prefill else [groups]
+
+    def _prefill_on_graphs(self, groups: list) -> bool:
+        """Whether a step with prefill chunks runs on the segment graphs (`engine.prefill-graphs`):
+        one row per token, so its tokens must fit the graphs' rows."""
+        return (
+            self.prefill_graphs
+            and self.cuda_graphs
+            and self.decode_graphs == "segments"
+            and sum(n for _, members in groups for _, n in members) <= self.graph_rows()
+        )
 
     def _count(self, work: list[tuple[Sequence, int]]) -> None:
         per_cls: dict[int, list] = {}
@@ -356,7 +368,8 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             for cls, members in groups
         ]
         decode = all(_decodes(seq, n) for _, members in groups for seq, n in members)
-        if decode and self.cuda_graphs and ops._pow2(lane.pool.head_dim):  # the torch attention sizes itself on the host
+        on_graphs = decode or self._prefill_on_graphs(groups)
+        if on_graphs and self.cuda_graphs and ops._pow2(lane.pool.head_dim):  # the torch attention sizes itself on the host
             plan, entry = self._graph_step(lane, groups, item_groups)
             logits, greedy = entry.outputs
         elif decode:

@@ -17,15 +17,17 @@ from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 Rows = slice | torch.Tensor  # a run of rows, or gathered row indices (int64, on the device)
 
-BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# at most 1/8 padding past 64 rows; the large ones hold prefill chunks (one row a token)
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+           320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)  # fmt: skip
 
 
 def bucket(n: int) -> int:
-    """Rows a class of n decoding requests is padded to in a captured batch."""
+    """Rows n rows are padded to in a captured batch."""
     for b in BUCKETS:
         if n <= b:
             return b
-    return -(-n // 64) * 64
+    return -(-n // 512) * 512
 
 
 @dataclass(eq=False)

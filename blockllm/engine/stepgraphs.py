@@ -1,4 +1,4 @@
-"""Decode steps as CUDA graphs per chain segment, so captured graphs do not multiply with the variant mix.
+"""Steps as CUDA graphs per chain segment, so captured graphs do not multiply with the variant mix.
 
 A whole-step graph (`engine.decode-graphs: step`) is keyed by the step's class composition, which
 changes whenever a request of another variant arrives or ends. Here (`segments`) each run of
@@ -6,7 +6,9 @@ blocks that one set of classes passes through together (the shared trunk, one va
 layers, a shared head) is captured once per row bucket. A step gathers each segment's rows through
 a static index buffer, replays the segment's graph and scatters the rows back into one hidden-state
 buffer; LoRA deltas use every loaded adapter of a block at once, masked per row (dense multi-LoRA),
-so adapters do not key the graphs either.
+so adapters do not key the graphs either. A row is one token: a prefill chunk of n tokens is n rows,
+each attending to its paged context up to its own position (`engine.prefill-graphs`), so an
+arrival replays graphs too instead of launching every layer's kernels from Python.
 """
 
 from __future__ import annotations
@@ -290,7 +292,7 @@ class StepGraphs:
         scratch row only, so that no request later waits on a Triton JIT compile (each row bucket
         picks its own kernel variants; vLLM warms up at start-up likewise). Returns the seconds."""
         t0 = time.perf_counter()
-        top = bucket(max_rows or 2 * self.max_batch_size)
+        top = bucket(max_rows or max(2 * self.max_batch_size, self.graph_rows()))
         with torch.inference_mode():
             for lane in self.lanes.values():
                 cls = next((c for c in self._classes.values() if c.lane == lane.key), None)
@@ -310,11 +312,17 @@ class StepGraphs:
         log.info("engine warm-up: row buckets up to %d in %.2f s", top, time.perf_counter() - t0)
         return time.perf_counter() - t0
 
+    def graph_rows(self) -> int:
+        """Rows one segment-graph step holds at most: a full decode batch, plus a prefill chunk's
+        tokens when prefills run on the graphs too (`engine.prefill-graphs`)."""
+        prefills = self.prefill_graphs and self.decode_graphs == "segments"
+        return self.max_batch_size + (self.scheduler.prefill_chunk if prefills else 0)
+
     def _buffers(self, lane: Lane, n: int) -> _Buffers:
         bufs = self._seg_bufs.get(lane.key)
         if bufs is not None and bufs.rows >= n:
             return bufs
-        rows = max(bucket(n), bucket(self.max_batch_size), bufs.rows * 2 if bufs else 0)
+        rows = max(bucket(n), bucket(self.graph_rows()), bufs.rows * 2 if bufs else 0)
         return self._make_buffers(lane, rows, 4096 if bufs is None else len(bufs.host_arena), bufs)
 
     def _make_buffers(self, lane: Lane, rows: int, arena: int, old: _Buffers | None) -> _Buffers:
@@ -354,20 +362,25 @@ class StepGraphs:
         return bufs
 
     def _segment_step(self, lane: Lane, item_groups: list[tuple[ModelClass, list[Item]]]) -> SegmentStep:
-        """Lay out a decode step over the lane's buffers and upload its inputs (nothing runs yet)."""
+        """Lay out a step (decodes, and prefill chunks with `engine.prefill-graphs`) over the lane's
+        buffers and upload its inputs (nothing runs yet)."""
         classes = [cls for cls, _ in item_groups]
-        n = sum(len(items) for _, items in item_groups)
         lay_key = (lane.key, tuple(c.key for c in classes))
         segs = self._seg_layouts.get(lay_key)
         if segs is None:
             segs = self._seg_layouts[lay_key] = segments_of(classes)
+        # one row per token: a decode is one row, a prefill chunk of n tokens n rows, each attending
+        # to its own paged context up to its position (causal by construction)
         class_rows: list[list[int]] = []
-        item_rows: list[int] = []
+        item_rows: list[int] = []  # each item's sampling row (its last), -1 for a chunk that does not sample
         r = 0
         for _cls, items in item_groups:
-            class_rows.append(list(range(r, r + len(items))))
-            r += len(items)
-            item_rows.extend(class_rows[-1])
+            start = r
+            for it in items:
+                r += len(it.tokens)
+                item_rows.append(r - 1 if it.samples else -1)
+            class_rows.append(list(range(start, r)))
+        n = r
         seg_rows = [[x for c in seg.classes for x in class_rows[c]] for seg in segs]
         buckets = [bucket(len(rows)) for rows in seg_rows]
         bufs = self._regions(lane, self._buffers(lane, n), [(s.key, b) for s, b in zip(segs, buckets, strict=True)])
@@ -378,8 +391,14 @@ class StepGraphs:
         for cls, items in item_groups:
             slot = self._lora_slot(cls)
             for it in items:
-                h[0, r], h[1, r], h[2, r], h[3, r] = it.tokens[-1], it.start, it.slot, slot
-                r += 1
+                k = len(it.tokens)
+                if k == 1:
+                    h[0, r], h[1, r], h[2, r], h[3, r] = it.tokens[0], it.start, it.slot, slot
+                else:
+                    h[0, r : r + k] = it.tokens
+                    h[1, r : r + k] = np.arange(it.start, it.start + k)
+                    h[2, r : r + k], h[3, r : r + k] = it.slot, slot
+                r += k
         runs = []
         for seg, rows, b in zip(segs, seg_rows, buckets, strict=True):
             off = bufs.regions[(seg.key, b)]
