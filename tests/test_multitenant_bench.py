@@ -36,3 +36,30 @@ def test_cpu_preset_runs_all_four_systems(tmp_path):
     assert systems["per_model"]["profile"]["by_cpu"]  # the profiled extra replay left its tables
     assert set(result["ratios"][str(multitenant.PRESETS["cpu"].rates[0])]) == {"per_model", "lora_only"}
     assert (tmp_path / "multitenant-cpu.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_engine_alone_can_be_measured_again_later_in_the_same_process(tmp_path):
+    """`--systems blockllm_direct,per_model,blockllm_direct`: the later run is kept beside the first
+    (how an order effect is checked), and the ratios stay those of the first."""
+    result = multitenant.Bench("cpu", tmp_path).run(["blockllm_direct", "per_model", "blockllm_direct"])
+    systems = result["systems"]
+    assert list(systems) == ["blockllm_direct", "per_model", "blockllm_direct_2"]
+    for name in ("blockllm_direct", "blockllm_direct_2"):
+        assert [s["requests"] for s in systems[name]["rates"].values()] == list(result["traces"].values())
+    rate = str(multitenant.PRESETS["cpu"].rates[0])
+    first, pm = systems["blockllm_direct"]["rates"][rate], systems["per_model"]["rates"][rate]
+    assert result["ratios"]["blockllm_row"] == "blockllm_direct"
+    assert result["ratios"][rate]["per_model"]["p95_ratio"] == pytest.approx(first["e2e_s"]["p95"] / pm["e2e_s"]["p95"])
+
+
+def test_prefill_probe_reports_each_prompt_mix(tmp_path):
+    from benchmarks import prefill_probe
+
+    prefill_probe.main(["--preset", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "prefill_probe-cpu.json").read_text())
+    rows = saved["rows"]
+    assert [(r["prompts"], r["running_decodes"]) for r in rows] == [(n, d) for n, _, d in prefill_probe.MIXES]
+    for r in rows:
+        assert r["wall_ms_median"] > 0 and len(r["wall_ms_all"]) == 4 and r["steps"] >= 1
+        assert r["top_cpu_ops"]  # the profiled rep's host ops (no kernels on a CPU)
