@@ -167,7 +167,8 @@ def run(preset: str, out_dir: Path, zoo_url: str | None = None) -> dict[str, Any
         "preset": preset, "device": device_name(), "torch": torch.__version__, "shape": asdict(s), "split_at": split_at,
         "prompt_tokens": p["prompt"], "new_tokens": p["new"], "repeats": p["repeats"], "batches": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "setup": "LocalCluster of 2 worker processes on one device; whole = one worker; split = layers [0, k) + embedding on one, [k, L) + head on the other",
+        "setup": (("2 worker processes, one GPU each" if torch.cuda.device_count() >= 2 else "LocalCluster of 2 worker processes on one device")
+                  + "; whole = one worker; split = layers [0, k) + embedding on one, [k, L) + head on the other"),
         "method": "median over requests of (last token - first token) / (new tokens - 1), host timestamps; median of repeats",
         "settings": settings,
         "oracle": "split_oracle_*: the guess is the token a run without speculation produced (what speculation saves when every guess is right)",
