@@ -320,6 +320,30 @@ def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
     assert done[doomed.request_id].finish_reason == "abort" and eng.stats().kv_pages_used == 0
 
 
+def test_requests_that_cannot_be_admitted_do_not_break_the_pipelined_decode(tiny_zoo, tiny_family, tok):
+    """A saturated engine (batch limit reached, more waiting) keeps launching each decode step one
+    ahead of the host; a waiting request breaks the chain only once a finish makes room for it."""
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, max_batch_size=2))
+    key = "acme/tiny-partial-a"
+    batch = [req(key, i, tok, max_new_tokens=n, ignore_eos=True) for i, n in enumerate((12, 15, 9, 13, 10))]
+    expected = {r.request_id: o.token_ids for r, o in zip(batch, engine_for(tiny_zoo, tiny_family).generate(batch), strict=True)}
+    chained_while_waiting = []
+    chain = eng._chain
+    eng._chain = lambda prev: chained_while_waiting.append(len(eng.scheduler.waiting)) or chain(prev)
+    for r in batch:
+        eng.add_request(r)
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+        assert len(eng.scheduler.running) <= 2
+    for r in batch:  # as the eager engine (itself transformers' tokens: the tests above) gives them
+        assert outs[r.request_id].token_ids == expected[r.request_id], r.request_id
+    assert sum(1 for w in chained_while_waiting if w > 0) >= 10, chained_while_waiting
+    assert not eng.scheduler.has_admissible() and eng.stats().kv_pages_used == 0
+
+
 def test_segment_graphs_do_not_multiply_with_the_variant_mix(tiny_zoo, tiny_family, tok, refs):
     """Decode steps of ever new variant compositions reuse the graphs of their shared segments:
     after one pass over the mixes, a second pass over other mixes of the same variants captures

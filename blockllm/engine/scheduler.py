@@ -162,8 +162,12 @@ class Scheduler:
         return not online or online_prefill or time.monotonic() - self._batch_prefilled >= self.batch_interval
 
     def has_admissible(self) -> bool:
-        """Whether the next schedule() would start new prefill work (pipelined decode breaks then)."""
-        if any(not s.is_batch for s in self.waiting):
+        """Whether the next schedule() would start new prefill work (pipelined decode breaks then).
+
+        A waiting online request counts only if it fits now or could preempt running batch work:
+        one held back by a full batch or short pages leaves the running pipeline alone, so a
+        saturated engine keeps decoding one step ahead of the host until a finish makes room."""
+        if self._online_admissible():
             return True
         if not self._batch_gate(any(not s.is_batch for s in self.running), False):
             return False
@@ -173,6 +177,32 @@ class Scheduler:
             full, short = self._blocked(seq)
             if not full and not short:
                 return True
+        return False
+
+    def _online_admissible(self) -> bool:
+        """Whether a waiting online request could be admitted now, batch work preempted if need be
+        (what `_make_room` and `schedule` would do), judged once per model."""
+        seen: set[int] = set()
+        for seq in sorted(self.waiting, key=lambda s: s.order):
+            if seq.is_batch:
+                continue
+            if id(seq.model) in seen:
+                continue
+            seen.add(id(seq.model))
+            full, short = self._blocked(seq)
+            if not full and not short:
+                return True
+            pool = seq.model.lane.pool
+            if any(
+                r.is_batch
+                and r.slot
+                and (not full or set(full) & set(r.model.block_fps))
+                and (not short or r.model.lane.pool is pool)
+                for r in self.running
+            ):
+                return True
+            if short:
+                return False  # admission waits for pages in priority order: nobody behind it goes first
         return False
 
     # ------------------------------------------------------------------ the step's work
