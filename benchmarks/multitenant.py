@@ -101,6 +101,9 @@ def _versions() -> dict[str, Any]:
         out["triton"] = None
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+        # a copied working tree (the device machine's) may differ from its HEAD: then the commit is only its base
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout
+        out["tree_differs_from_commit"] = bool(changed.strip())
     except Exception:
         out["commit"] = None
     return out
