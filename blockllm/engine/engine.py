@@ -328,11 +328,13 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
 
     def _prefill_on_graphs(self, groups: list) -> bool:
         """Whether a step with prefill chunks runs on the segment graphs (`engine.prefill-graphs`):
-        one row per token, so its tokens must fit the graphs' rows."""
+        one row per token, so its tokens must fit the graphs' rows (and the lane must have the
+        Triton attention, which sizes itself on the device)."""
         return (
             self.prefill_graphs
             and self.cuda_graphs
             and self.decode_graphs == "segments"
+            and ops._pow2(self.lanes[groups[0][0].lane].pool.head_dim)
             and sum(n for _, members in groups for _, n in members) <= self.graph_rows()
         )
 
