@@ -134,6 +134,19 @@ class Scheduler:
         pool = seq.model.lane.pool
         return full, pool.pages_for(len(seq.tokens)) > pool.free_pages
 
+    def _victims(self, seq: Sequence, full: list[str], short: bool) -> list[Sequence]:
+        """Running batch sequences whose preemption frees what `seq` lacks: a slot in its full
+        blocks, pages in its pool."""
+        pool = seq.model.lane.pool
+        return [
+            s
+            for s in self.running
+            if s.is_batch
+            and s.slot
+            and (not full or set(full) & set(s.model.block_fps))
+            and (not short or s.model.lane.pool is pool)
+        ]
+
     def _make_room(self) -> None:
         """Waiting online sequences preempt running batch ones (latest first) that hold what they lack."""
         for seq in sorted(self.waiting, key=lambda s: s.order):
@@ -143,15 +156,7 @@ class Scheduler:
                 full, short = self._blocked(seq)
                 if not full and not short:
                     break
-                pool = seq.model.lane.pool
-                victims = [
-                    s
-                    for s in self.running
-                    if s.is_batch
-                    and s.slot
-                    and (not full or set(full) & set(s.model.block_fps))
-                    and (not short or s.model.lane.pool is pool)
-                ]
+                victims = self._victims(seq, full, short)
                 if not victims:
                     break
                 self.preempt(max(victims, key=lambda s: s.order), "an online request needs its room")
@@ -184,22 +189,11 @@ class Scheduler:
         (what `_make_room` and `schedule` would do), judged once per model."""
         seen: set[int] = set()
         for seq in sorted(self.waiting, key=lambda s: s.order):
-            if seq.is_batch:
-                continue
-            if id(seq.model) in seen:
+            if seq.is_batch or id(seq.model) in seen:
                 continue
             seen.add(id(seq.model))
             full, short = self._blocked(seq)
-            if not full and not short:
-                return True
-            pool = seq.model.lane.pool
-            if any(
-                r.is_batch
-                and r.slot
-                and (not full or set(full) & set(r.model.block_fps))
-                and (not short or r.model.lane.pool is pool)
-                for r in self.running
-            ):
+            if (not full and not short) or self._victims(seq, full, short):
                 return True
             if short:
                 return False  # admission waits for pages in priority order: nobody behind it goes first
