@@ -331,9 +331,8 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         one row per token, so its tokens must fit the graphs' rows (and the lane must have the
         Triton attention, which sizes itself on the device)."""
         return (
-            self.prefill_graphs
+            self._prefills_on_graphs()
             and self.cuda_graphs
-            and self.decode_graphs == "segments"
             and ops._pow2(self.lanes[groups[0][0].lane].pool.head_dim)
             and sum(n for _, members in groups for _, n in members) <= self.graph_rows()
         )

@@ -23,7 +23,7 @@ BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 19
 
 
 def bucket(n: int) -> int:
-    """Rows n rows are padded to in a captured batch."""
+    """The row count a captured batch of n rows is padded to."""
     for b in BUCKETS:
         if n <= b:
             return b

@@ -312,11 +312,14 @@ class StepGraphs:
         log.info("engine warm-up: row buckets up to %d in %.2f s", top, time.perf_counter() - t0)
         return time.perf_counter() - t0
 
+    def _prefills_on_graphs(self) -> bool:
+        """`engine.prefill-graphs` in effect: only segment graphs hold prefill chunks (as rows)."""
+        return self.prefill_graphs and self.decode_graphs == "segments"
+
     def graph_rows(self) -> int:
         """Rows one segment-graph step holds at most: a full decode batch, plus a prefill chunk's
-        tokens when prefills run on the graphs too (`engine.prefill-graphs`)."""
-        prefills = self.prefill_graphs and self.decode_graphs == "segments"
-        return self.max_batch_size + (self.scheduler.prefill_chunk if prefills else 0)
+        tokens when prefills run on the graphs too."""
+        return self.max_batch_size + (self.scheduler.prefill_chunk if self._prefills_on_graphs() else 0)
 
     def _buffers(self, lane: Lane, n: int) -> _Buffers:
         bufs = self._seg_bufs.get(lane.key)
