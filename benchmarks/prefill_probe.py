@@ -1,5 +1,7 @@
-"""What one eager prefill step costs on the engine, host against device: wall time, kernel time and
+"""What one prefill step costs on the engine, host against device: wall time, kernel time and
 kernel launches for a few prompt mixes, beside running decodes (the step an arrival forces).
+Prefills run on the segment graphs by default; DASK_BLOCKLLM__ENGINE__PREFILL_GRAPHS=false
+measures the eager path.
 
     python -m benchmarks.prefill_probe --preset h100   # Llama-1.1B shape, random bf16 weights
     python -m benchmarks.prefill_probe --preset cpu    # tiny shape: a smoke test of the harness
@@ -28,16 +30,12 @@ log = logging.getLogger("benchmarks.prefill_probe")
 MIXES = ((1, 512, 0), (4, 128, 0), (16, 32, 0), (4, 128, 16))
 
 
-def _add(eng, model: str, tag: str, n: int, length: int, vocab: int, rng, max_new: int) -> list[str]:
+def _add(eng, model: str, tag: str, n: int, length: int, vocab: int, rng, max_new: int) -> None:
     from blockllm.types import Request, SamplingParams
 
-    ids = []
     for i in range(n):
         prompt = tuple(int(t) for t in rng.integers(3, vocab, length))
-        rid = f"{tag}-{i}"
-        eng.add_request(Request(rid, model, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True)))
-        ids.append(rid)
-    return ids
+        eng.add_request(Request(f"{tag}-{i}", model, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True)))
 
 
 def _drain(eng) -> None:
