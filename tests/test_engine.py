@@ -320,7 +320,7 @@ def test_graph_signatures_and_pipelined_decode_emulated_on_cpu_are_exact(
     assert done[doomed.request_id].finish_reason == "abort" and eng.stats().kv_pages_used == 0
 
 
-def test_requests_that_cannot_be_admitted_do_not_break_the_pipelined_decode(tiny_zoo, tiny_family, tok):
+def test_requests_that_cannot_be_admitted_do_not_break_the_pipelined_decode(tiny_zoo, tiny_family, tok, refs):
     """A saturated engine (batch limit reached, more waiting) keeps launching each decode step one
     ahead of the host; a waiting request breaks the chain only once a finish makes room for it."""
     eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, max_batch_size=2))
@@ -338,7 +338,9 @@ def test_requests_that_cannot_be_admitted_do_not_break_the_pipelined_decode(tiny
             if o.finished:
                 outs[o.request_id] = o
         assert len(eng.scheduler.running) <= 2
-    for r in batch:  # as the eager engine (itself transformers' tokens: the tests above) gives them
+    for r in batch:  # transformers' tokens up to its EOS, and past it as the eager engine gives them
+        ref = refs[(key, int(r.request_id.split("#")[1]))]
+        assert list(outs[r.request_id].token_ids)[: len(ref)] == ref[: r.sampling.max_new_tokens], r.request_id
         assert outs[r.request_id].token_ids == expected[r.request_id], r.request_id
     assert sum(1 for w in chained_while_waiting if w > 0) >= 10, chained_while_waiting
     assert not eng.scheduler.has_admissible() and eng.stats().kv_pages_used == 0
