@@ -139,7 +139,7 @@ class GroupScheduler(Scheduler):
     def groups(self) -> list[str]:
         return sorted({self.group_of(s) for s in (*self.running, *self.waiting)})
 
-    def schedule(self) -> list:
+    def schedule(self, frozen: Any = ()) -> list:
         groups = self.groups()
         if not groups:
             return []
@@ -150,7 +150,7 @@ class GroupScheduler(Scheduler):
         self.running = [s for s in self.running if self.group_of(s) == g]
         self.waiting = [s for s in self.waiting if self.group_of(s) == g]
         try:
-            return super().schedule()
+            return super().schedule(frozen)
         finally:
             self.running += others_r
             self.waiting += others_w

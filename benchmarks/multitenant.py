@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import numpy as np
 import torch
+import yaml
 
 from .mt_models import ModelSet, Shape, SyntheticSource, model_tensors, write_zoo
 from .mt_systems import (
@@ -263,7 +265,7 @@ class Bench:
             eng.load(v.manifest)
         return eng, [v.manifest.key for v in slots.variants]
 
-    def per_model(self) -> None:
+    def per_model(self, name: str = "per_model") -> None:
         """(2) Per-model serving: full copies, per-model batching, LRU eviction under BlockLLM's weight bytes."""
         n = max(1, self.distinct // self.model_bytes)
         eng, slots = self.slots_engine(n, "slots")
@@ -273,7 +275,7 @@ class Bench:
         info = {"how": "GroupEngine: one model's requests per step (round robin), full copies in GPU slots, LRU reload from pinned host memory",
                 "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
-        self._sweep("per_model", lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
+        self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
                     lambda tr, w: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w))
         system = eng = None  # free the weights before the next system
         _free(self.device)
@@ -349,13 +351,20 @@ class Bench:
             self.result["notes"].append("per-model reloads copy a model's bytes from ONE shared pinned host buffer (host RAM cannot "
                                         "hold 16 full copies): the bytes and time of every reload are real, the weights are not the variant's")  # fmt: skip
         seen: dict[str, int] = {}
-        for name in systems:
+        for spec in systems:
             _free(self.device)
-            seen[name] = seen.get(name, 0) + 1
-            if name == "blockllm_direct" and seen[name] > 1:  # the engine again, later in the process (order effects)
-                self.blockllm_direct(f"blockllm_direct_{seen[name]}")
-            else:
-                steps[name]()
+            name, _, over = spec.partition("@")
+            overrides = engine_overrides(over)
+            seen[spec] = seen.get(spec, 0) + 1
+            with dask.config.set(overrides):
+                if over and name in ("blockllm_direct", "per_model"):  # the same system, other engine settings: its own row
+                    (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
+                elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
+                    self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
+                elif over:
+                    raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
+                else:
+                    steps[name]()
         if hasattr(self, "_host"):
             del self._host
         self.ratios()
@@ -370,6 +379,17 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------- report
+def engine_overrides(text: str) -> dict[str, Any]:
+    """`overlap-scheduling=false;prefill-graphs=true` -> {"blockllm.engine.overlap-scheduling": False, ...}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"engine setting {item!r}: write key=value")
+        out[f"blockllm.engine.{key.strip()}"] = yaml.safe_load(value)
+    return out
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -420,16 +440,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct",
-                    help="comma list, run in this order; blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...)")
+                    help="comma list, run in this order; blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
+                         "blockllm_direct@KEY=VALUE;KEY=VALUE (or per_model@...) runs it again under those engine.* settings, as its own row")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 1.5 s of an extra replay of the highest rate (engine-driven systems)")
     ap.add_argument("--budget", type=float, default=None, help="seconds after which no new run starts")
     ap.add_argument("--rates", default="", help="comma list of arrival rates, requests/s (default: the preset's)")
+    ap.add_argument("--max-batch", type=int, default=None, help="per-block batch limit of every system (default: the preset's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.rates:
         PRESETS[args.preset].rates = [float(r) for r in args.rates.split(",")]
     for noisy in ("distributed", "blockllm.engine.loading"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.max_batch is not None:
+        PRESETS[args.preset].max_batch = args.max_batch
     if args.budget is not None:
         PRESETS[args.preset].budget_s = args.budget
     result = Bench(args.preset, args.out, args.profile).run(args.systems.split(","))

@@ -413,6 +413,92 @@ def test_pipelined_decode_runs_on_through_finishes(tiny_zoo, tiny_family, tok, r
     assert captured == (1 if mode == "step" else len(segments_of_model(eng, key))), captured
 
 
+def _count_pipeline_starts(eng) -> tuple[list, list]:
+    """Record each step that began without one in flight and scheduled work (a pipeline start)
+    and each step laid out anew while one was in flight (a relaunch: None where it could not)."""
+    starts, relaunches = [], []
+    schedule, relaunch, step = eng.scheduler.schedule, eng._relaunch, eng.step
+    idle = []  # whether the current step began with nothing in flight
+
+    def counted_schedule(frozen=()):
+        work = schedule(frozen)
+        if idle[-1] and work:
+            starts.append(len(work))
+        return work
+
+    eng.scheduler.schedule = counted_schedule
+    eng.step = lambda: idle.append(eng._inflight is None) or step()
+    eng._relaunch = lambda prev: (lambda r: relaunches.append(r is not None) or r)(relaunch(prev))
+    return starts, relaunches
+
+
+def _drain(eng, outs: dict, steps: int = 1000) -> None:
+    """Step until nothing is left (a bounded number of steps: a stuck engine fails, not hangs)."""
+    for _ in range(steps):
+        if not eng.has_unfinished():
+            return
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    raise AssertionError(f"the engine did not finish within {steps} steps")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_arrivals_join_the_pipeline_without_waiting_for_the_step_in_flight(tiny_zoo, tiny_family, tok, refs, overlap):
+    """With engine.overlap-scheduling, a request that arrives while a step is in flight joins the
+    next step, which is launched before the host reads the one in flight: requests going on take
+    their tokens from the device, prompts run in several chunks, and the pipeline started by the
+    first step never breaks. Outputs are transformers' own either way."""
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, prefill_chunk=4))  # long prompts: several chunks
+    eng.overlap = overlap
+    starts, relaunches = _count_pipeline_starts(eng)
+    batch = [req(m.key, (i + j) % len(PROMPTS), tok) for j, m in enumerate(members(tiny_family)) for i in (0, 2)]
+    outs = {}
+    for r in batch:
+        eng.add_request(r)  # one arrival per step
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    _drain(eng, outs)
+    for r in batch:
+        key, i = r.request_id.split("#")
+        assert list(outs[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+    assert eng.stats().kv_pages_used == 0 and not eng.scheduler.running
+    if overlap:
+        assert len(starts) == 1 and relaunches.count(True) >= len(batch), (starts, relaunches)
+    else:
+        assert len(starts) > len(batch) and not any(relaunches), (starts, relaunches)
+
+
+def test_a_request_preempted_while_its_step_is_in_flight_drops_that_token_and_recomputes(tiny_zoo, tiny_family, tok, refs):
+    """An online arrival preempts a batch request whose next token is still on the device (the
+    step laid out anew while one is in flight): that token is discarded, the batch request is
+    recomputed later, and every output is still transformers' own."""
+    from blockllm.types import BATCH_PRIORITY
+
+    eng = emulate_graphs(engine_for(tiny_zoo, tiny_family, max_batch_size=2))
+    key = members(tiny_family)[1].key
+    starts, relaunches = _count_pipeline_starts(eng)
+    in_relaunch, preempted_in_flight = [], []
+    relaunch, preempt = eng._relaunch, eng.scheduler.preempt
+    eng._relaunch = lambda prev: in_relaunch.append(1) or relaunch(prev)
+    eng.scheduler.preempt = lambda seq, why="": preempted_in_flight.append(bool(in_relaunch) and seq.req.request_id) or preempt(seq, why)
+    background = Request("batch#1", key, tuple(tok(PROMPTS[1])["input_ids"]), SamplingParams(max_new_tokens=N, ignore_eos=True), BATCH_PRIORITY)
+    online = [req(key, i, tok, ignore_eos=True) for i in (0, 2)]
+    expected = {r.request_id: o.token_ids for r, o in zip([background, *online], engine_for(tiny_zoo, tiny_family).generate([background, *online]), strict=True)}
+    eng.add_request(background)
+    outs = {}
+    for _ in range(3):  # the batch request decodes in a pipeline ...
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    in_relaunch.clear()
+    for r in online:  # ... when two online ones arrive, the second needing its slot (limit 2)
+        eng.add_request(r)
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    _drain(eng, outs)
+    assert "batch#1" in preempted_in_flight, preempted_in_flight
+    for r in [background, *online]:  # transformers' tokens up to its EOS, and past it as the eager engine gives them
+        ref = refs[(key, int(r.request_id.split("#")[1]))]
+        assert list(outs[r.request_id].token_ids)[: len(ref)] == ref, r.request_id
+        assert outs[r.request_id].token_ids == expected[r.request_id], r.request_id
+    assert eng.stats().kv_pages_used == 0
+
+
 def segments_of_model(eng, key):
     from blockllm.engine.stepgraphs import segments_of
 
@@ -420,7 +506,7 @@ def segments_of_model(eng, key):
 
 
 @pytest.mark.parametrize("mode", ["split", "whole", "graphs"])
-def test_steps_mixing_prefills_and_decodes_run_split_whole_or_on_the_graphs(tiny_zoo, tiny_family, tok, refs, mode):
+def test_steps_mixing_prefills_and_decodes_run_split_whole_or_on_the_graphs(tiny_zoo, tiny_family, tok, refs, mode, monkeypatch):
     """A step mixing prefill chunks with decodes: with engine.prefill-graphs (default) it replays
     the segment graphs, one row per token; without, engine.split-mixed-steps runs its decode rows
     on their graph and the prefill chunks eagerly beside them, or the whole step runs eagerly.
@@ -435,6 +521,14 @@ def test_steps_mixing_prefills_and_decodes_run_split_whole_or_on_the_graphs(tiny
     eng._graph_step = lambda lane, groups, items: on_graphs.append(  # and which ran on graphs
         all(n == 1 for _, ms in groups for _, n in ms)
     ) or graph_step(lane, groups, items)
+    seg_prefills, segment_step = [], eng._segment_step  # segment-graph steps that held prompt chunks
+    eng._segment_step = lambda lane, items: seg_prefills.append(
+        any(len(it.tokens) > 1 or not it.samples for _, its in items for it in its)
+    ) or segment_step(lane, items)
+    import blockllm.engine.engine as engine_module
+
+    eager, run_plan = [], engine_module.run_plan  # forwards launched block by block from Python
+    monkeypatch.setattr(engine_module, "run_plan", lambda plan, lane: eager.append(plan.decode_only) or run_plan(plan, lane))
     batch = [req(m.key, i, tok) for m in members(tiny_family) for i in (0, 1, 4)]
     eng.add_request(batch[0])
     eng.step()  # batch[0] prefilled (3 tokens) ...
@@ -449,7 +543,7 @@ def test_steps_mixing_prefills_and_decodes_run_split_whole_or_on_the_graphs(tiny
     assert eng.stats().graphs_captured > 0
     prefill_forwards = forwards.count(False)
     if mode == "graphs":  # every forward ran on graphs, prefill chunks and mixed steps included
-        assert prefill_forwards > 1 and on_graphs.count(False) == prefill_forwards
+        assert seg_prefills.count(True) > 1 and eager.count(False) == 0
     elif mode == "split":  # mixed steps ran their decode rows on graphs, their prefills eagerly
         assert forwards.count(True) > 0 and prefill_forwards > 0 and False not in on_graphs
     else:  # no decode-only forward while prompts were still being prefilled
@@ -647,6 +741,26 @@ def test_cuda_graph_path_equals_eager_path(tiny_zoo, tiny_family, tok, mode):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     late = req("acme/tiny-lora-b", 2, tok)  # a new composition (new graph) after the first ones
     assert graphed.generate([late])[0].token_ids == eager.generate([late])[0].token_ids
+
+
+@pytest.mark.gpu
+def test_arrivals_joining_steps_in_flight_on_cuda_equal_the_eager_path(tiny_zoo, tiny_family, tok):
+    """engine.overlap-scheduling on real CUDA graphs and streams (float32, so both paths round
+    alike): one arrival per step, prompts in chunks of 4, each step launched before the host reads
+    the one in flight, tokens of requests going on gathered on the device. Outputs equal the eager
+    engine's, and the pipeline started by the first step never breaks."""
+    batch = [req(m.key, (i + j) % len(PROMPTS), tok, ignore_eos=True) for j, m in enumerate(members(tiny_family)) for i in (0, 2, 4)]
+    graphed = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True, dtype=torch.float32, prefill_chunk=4)
+    starts, relaunches = _count_pipeline_starts(graphed)
+    outs = {}
+    for r in batch:
+        graphed.add_request(r)
+        outs.update({o.request_id: o for o in graphed.step() if o.finished})
+    _drain(graphed, outs)
+    eager = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=False, dtype=torch.float32, prefill_chunk=4)
+    assert [outs[r.request_id].token_ids for r in batch] == [o.token_ids for o in eager.generate(batch)]
+    assert len(starts) == 1 and relaunches.count(True) >= len(batch), (starts, relaunches)
+    assert graphed.stats().kv_pages_used == 0
 
 
 @pytest.mark.gpu

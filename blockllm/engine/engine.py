@@ -142,6 +142,8 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         self.split_mixed = bool(_config.get("engine.split-mixed-steps", True))
         # prefill chunks ride the segment graphs as one row per token (stepgraphs.py)
         self.prefill_graphs = bool(_config.get("engine.prefill-graphs", True))
+        # a step whose batch changed launches before the last step's tokens reach the host (pipeline.py)
+        self.overlap = bool(_config.get("engine.overlap-scheduling", True))
         self.steps = 0
         self.tokens_generated = 0
         self.last_batch: dict[str, int] = {}
@@ -258,11 +260,13 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         """One iteration: every scheduled request advances by a decode token or a prefill chunk."""
         outputs, self._pending = self._pending, []
         prev = self._inflight
-        if prev is not None:  # a decode graph is in flight: launch the next one first, then read it
+        if prev is not None:  # a step is in flight: launch the next one first, then read it
             self._inflight = None
             with torch.inference_mode():
                 if self._chainable(prev):
                     self._inflight = self._chain(prev)
+                else:
+                    self._inflight = self._relaunch(prev)
             outputs.extend(self._collect(prev))
             return outputs
         work = self.scheduler.schedule()

@@ -1,10 +1,13 @@
-"""Pipelined decode: greedy decode steps on CUDA graphs launched one step ahead of the host.
+"""Pipelined steps: greedy steps on CUDA graphs launched one step ahead of the host.
 
-Step N+1 is launched from step N's tokens while they are still on the device (ids <- greedy
-picks, positions += 1); the host then reads step N's tokens and does its bookkeeping while the
-GPU computes N+1. The chain breaks (and the engine schedules normally) as soon as a request would
-end, a new one waits, or pages run short; a token computed for a request that ended meanwhile is
-dropped.
+Step N+1 is launched while step N's tokens are still on the device; the host then reads step N's
+tokens and does its bookkeeping while the GPU computes N+1. With the same batch one token on, N+1
+replays N's graphs from N's greedy picks (a chain). When the batch changes (an arrival is
+admitted, a prompt's last chunk has sampled its first token), N+1 is laid out anew and the
+requests that go on take their tokens from N's picks on the device (`engine.overlap-scheduling`).
+The pipeline breaks (and the engine schedules after reading N) only when a request is not
+greedy, reaches its context's end, or pages run short; a token computed for a request that ended
+meanwhile is dropped.
 """
 
 from __future__ import annotations
@@ -36,45 +39,74 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
+def _greedy(seq: Sequence) -> bool:
+    """Its next token is the argmax, read on the device (no host sampling, no logprobs)."""
+    return seq.req.sampling.greedy and not seq.req.sampling.logprobs
+
+
 @dataclass(eq=False)
 class _Inflight:
-    """A launched decode graph whose tokens are still on their way to the host (pipelining)."""
+    """A launched step whose tokens are still on their way to the host (pipelining)."""
 
     lane: Lane
     plan: Plan
     entry: Any  # graphs.Captured
-    rows: list[tuple[Sequence, int]]  # each request and its row
-    advance: torch.Tensor  # (n_rows,) 1 on real rows, 0 on padding: positions of the next step
+    rows: list[tuple[Sequence, int, int, int]]  # each sampling request: its sampling row, its tokens in the step, its epoch
+    advance: torch.Tensor | None  # (n_rows,) 1 on real rows, 0 on padding; None: a layout with prompt chunks
     host: torch.Tensor  # pinned (n_rows,) the greedy tokens land in
     event: torch.cuda.Event | _HostEvent
     generation: int
 
 
 class PipelinedDecode:
-    """Engine methods for the pipelined decode path (the Engine owns the state they use)."""
+    """Engine methods for the pipelined path (the Engine owns the state they use)."""
 
     def _pipelined(self, work: list[tuple[Sequence, int]]) -> bool:
-        """Greedy decode steps on CUDA graphs run one step ahead of the host's bookkeeping."""
-        if not self.cuda_graphs or not all(decodes(seq, n) for seq, n in work):
+        """Greedy steps on CUDA graphs run one step ahead of the host's bookkeeping: decode steps,
+        and steps with prompt chunks where those ride the segment graphs too."""
+        if not self.cuda_graphs or not ops._pow2(work[0][0].model.lane.pool.head_dim):
             return False
-        seq = work[0][0]
-        if not ops._pow2(seq.model.lane.pool.head_dim):
+        if not all(_greedy(s) for s, _ in work):
             return False
-        return all(s.req.sampling.greedy and not s.req.sampling.logprobs for s, _ in work)
+        if all(decodes(seq, n) for seq, n in work):
+            return True
+        return self.overlap and self._prefills_on_graphs() and sum(n for _, n in work) <= self.graph_rows()
 
     def _launch(self, lane: Lane, groups: list) -> _Inflight:
-        """Replay (or capture) the decode graph of this composition; tokens copy back asynchronously."""
+        """Replay (or capture) the graphs of this step; its tokens copy back asynchronously."""
         lane.pool.sync()
         item_groups = [
-            (cls, [Item(seq.tokens[-1:], seq.computed, seq.slot, True) for seq, _ in members])
+            (
+                cls,
+                [
+                    Item(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.slot, seq.computed + n == len(seq.tokens))
+                    for seq, n in members
+                ],
+            )
             for cls, members in groups
         ]
         plan, entry = self._graph_step(lane, groups, item_groups)
-        advance = np.zeros(plan.n_rows, dtype=np.int64)
-        advance[plan.item_rows] = 1
-        seqs = [seq for _, members in groups for seq, _ in members]
-        return self._replay(lane, plan, entry, list(zip(seqs, plan.item_rows, strict=True)),
-                            _pinned(torch.from_numpy(advance)).to(self.device, non_blocking=True), run=False)  # fmt: skip
+        return self._launched(lane, plan, entry, groups)
+
+    def _launched(self, lane: Lane, plan: Any, entry: Any, groups: list) -> _Inflight:
+        """The in-flight record of a step just launched. A prompt chunk that samples nothing counts
+        as computed at once (its KV is on its way; the next chunk may follow in the next step)."""
+        rows, k, chainable = [], 0, True
+        for _cls, members in groups:
+            for seq, n in members:
+                r = plan.item_sample[k]
+                k += 1
+                if r >= 0:
+                    rows.append((seq, r, n, seq.epoch))
+                else:
+                    seq.computed += n
+                chainable = chainable and n == 1 and r >= 0
+        advance = None
+        if chainable:
+            a = np.zeros(plan.n_rows, dtype=np.int64)
+            a[[r for _, r, _, _ in rows]] = 1
+            advance = _pinned(torch.from_numpy(a)).to(self.device, non_blocking=True)
+        return self._replay(lane, plan, entry, rows, advance, run=False)
 
     def _graph_step(self, lane: Lane, groups: list, item_groups: list) -> tuple[Any, Any]:
         """Run one decode step on CUDA graphs -> (its plan, its graph entry, whose `outputs` hold the
@@ -91,7 +123,7 @@ class PipelinedDecode:
         return plan, entry
 
     def _replay(
-        self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor, run: bool = True
+        self, lane: Lane, plan: Plan, entry: Any, rows: list, advance: torch.Tensor | None, run: bool = True
     ) -> _Inflight:
         if run:
             entry.graph.replay()
@@ -103,23 +135,28 @@ class PipelinedDecode:
         return _Inflight(lane, plan, entry, rows, advance, host, event, lane.pool.generation)
 
     @staticmethod
-    def _live_rows(prev: _Inflight) -> list[tuple[Sequence, int]]:
-        """The rows of `prev` whose requests are still going (the rest ended while it ran)."""
-        return [(seq, row) for seq, row in prev.rows if not seq.finished and seq.slot]
+    def _live_rows(prev: _Inflight) -> list[tuple[Sequence, int, int, int]]:
+        """The rows of `prev` whose requests are still going (the rest ended or were preempted while it ran)."""
+        return [r for r in prev.rows if r[0].epoch == r[3] and not r[0].finished]
+
+    def _goes_on(self, prev: _Inflight) -> list[tuple[Sequence, int, int, int]] | None:
+        """`prev`'s live rows if each can take one more token after it (context left, pages
+        ensured, the block table not reallocated), else None."""
+        live = self._live_rows(prev)
+        if any(len(seq.tokens) + 1 >= seq.model.context for seq, _, _, _ in live):
+            return None
+        pool = prev.lane.pool
+        if any(not pool.ensure(seq.slot, seq.computed + n + 1) for seq, _, n, _ in live):
+            return None
+        return live if pool.generation == prev.generation else None
 
     def _chainable(self, prev: _Inflight) -> bool:
         """The next step is the same batch one token on: nobody waits or lacks a page, and someone
         is left. Rows of requests that ended meanwhile stay in the batch as padding: they are
         pointed at the scratch KV slot (their own pages may already belong to someone else)."""
-        if self.scheduler.has_admissible():  # batch work held back by its caps does not count
+        if prev.advance is None or self.scheduler.has_admissible():  # batch work held back by its caps does not count
             return False
-        live = self._live_rows(prev)
-        if not live or any(len(seq.tokens) + 1 >= seq.model.context for seq, _ in live):
-            return False
-        pool = prev.lane.pool
-        if any(not pool.ensure(seq.slot, seq.computed + 2) for seq, _ in live):
-            return False
-        return pool.generation == prev.generation
+        return bool(self._goes_on(prev))
 
     def _chain(self, prev: _Inflight) -> _Inflight:
         """Launch step N+1 from step N's tokens on the device, before the host has seen them."""
@@ -128,26 +165,74 @@ class PipelinedDecode:
         live = self._live_rows(prev)
         advance = prev.advance
         if len(live) < len(prev.rows):  # ended rows: position 0 in the scratch slot from now on, no advancing
-            alive = {row for _, row in live}
-            dead = [row for _, row in prev.rows if row not in alive]
+            alive = {row for _, row, _, _ in live}
+            dead = [row for _, row, _, _ in prev.rows if row not in alive]
             rows = _pinned(torch.tensor(dead, dtype=torch.int64)).to(self.device, non_blocking=True)
             plan.inputs[1:3].index_fill_(1, rows, 0)
             advance = advance.index_fill(0, rows, 0)
         plan.inputs[1].add_(advance)
         plan.max_ctx += 1  # (only the torch reference attention reads it)
         prev.lane.pool.sync()
-        self._count([(seq, 1) for seq, _ in live])
+        self._count([(seq, 1) for seq, _, _, _ in live])
         self.steps += 1
         return self._replay(prev.lane, plan, prev.entry, live, advance)
+
+    def _relaunch(self, prev: _Inflight) -> _Inflight | None:
+        """Step N+1 on a new layout, launched while step N's tokens are still on the device.
+
+        The scheduler plans N+1 as usual (admissions, prompt chunks), except that the requests
+        sampling in N are frozen: they neither move nor get preempted, and those it runs decode
+        from their step-N greedy picks, gathered into N+1's inputs on the device. None when this
+        cannot be done (a request samples on the host or runs in another lane, or one going on
+        lacks context or pages): the engine then reads N first and schedules as before."""
+        if not (self.overlap and self._prefills_on_graphs() and self.cuda_graphs):
+            return None
+        lane, sched = prev.lane, self.scheduler
+        if any(s.model.lane is not lane or not _greedy(s) for s in (*sched.running, *sched.waiting)):
+            return None
+        live = self._goes_on(prev)
+        if live is None:
+            return None
+        frozen = {seq: (row, n, epoch) for seq, row, n, epoch in live}
+        work = sched.schedule(frozen)
+        if not work:
+            return None
+        classes: dict[tuple, tuple[Any, list]] = {}
+        for seq, n in sorted(work, key=lambda w: w[0].arrival):
+            classes.setdefault(seq.model.cls.key, (seq.model.cls, []))[1].append((seq, n))
+        groups = [classes[k] for k in sorted(classes)]
+        self._count(work)
+        lane.pool.sync()
+        item_groups, moves = [], []  # moves: (item index, row of its token in step N)
+        k = 0
+        for cls, members in groups:
+            items = []
+            for seq, n in members:
+                if seq in frozen and frozen[seq][2] == seq.epoch:  # its token is step N's pick, after N's tokens
+                    row, m, _ = frozen[seq]
+                    moves.append((k, row))
+                    items.append(Item([0], seq.computed + m, seq.slot, True))
+                else:
+                    items.append(Item(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.slot, seq.computed + n == len(seq.tokens)))
+                k += 1
+            item_groups.append((cls, items))
+        step = self._segment_step(lane, item_groups)
+        if moves:
+            idx = torch.tensor([[step.item_rows[k] for k, _ in moves], [r for _, r in moves]], dtype=torch.int64)
+            idx = _pinned(idx).to(self.device, non_blocking=True)
+            step.inputs[0].index_copy_(0, idx[0], prev.entry.outputs[1].index_select(0, idx[1]))
+        step.run()
+        self.steps += 1
+        return self._launched(lane, step, step, groups)
 
     def _collect(self, prev: _Inflight) -> list[RequestOutput]:
         prev.event.synchronize()
         toks = prev.host.tolist()
         outputs = []
-        for seq, row in prev.rows:
-            if seq.finished:  # ended (or was aborted) while this step was in flight: discard
+        for seq, row, n, epoch in prev.rows:
+            if seq.finished or seq.epoch != epoch:  # ended, aborted or preempted while this step was in flight: discard
                 continue
-            seq.computed += 1
+            seq.computed += n
             self._append(seq, toks[row], None)
             outputs.append(self._output(seq))
         return outputs

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ class Sequence:
     arrival: int
     computed: int = 0  # tokens whose KV is in the cache
     slot: int = 0  # its block-table row (0: none, not admitted)
+    epoch: int = 0  # bumped when it leaves (finish, preemption): in-flight rows of an older epoch are void
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
     reason: str | None = None
@@ -99,6 +100,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ leaving
     def _release(self, seq: Sequence) -> None:
+        seq.epoch += 1  # a step still in flight for it no longer counts
         if seq.slot:
             seq.model.lane.pool.release(seq.slot)
             seq.slot = 0
@@ -179,6 +181,8 @@ class Scheduler:
         if any(s.slot and len(s.tokens) - s.computed > 1 for s in self.running):
             return True  # a batch prefill held back by the gate
         for seq in self.waiting:
+            if not seq.is_batch:
+                continue  # judged above
             full, short = self._blocked(seq)
             if not full and not short:
                 return True
@@ -200,17 +204,24 @@ class Scheduler:
         return False
 
     # ------------------------------------------------------------------ the step's work
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """Decodes of running requests, then prefill chunks within the token budget, then admissions."""
+    def schedule(self, frozen: Collection[Sequence] = ()) -> list[tuple[Sequence, int]]:
+        """Decodes of running requests, then prefill chunks within the token budget, then admissions.
+
+        `frozen`: running sequences whose last step is still in flight (pipelined steps; the engine
+        has ensured their pages): each that is not preempted decodes one token, which the engine
+        takes from the device."""
         self._make_room()
         budget = self.prefill_chunk
         online = [s for s in (*self.running, *self.waiting) if not s.is_batch]
-        online_prefill = any(s.slot == 0 or len(s.tokens) - s.computed > 1 for s in online)
+        online_prefill = any(s.slot == 0 or (len(s.tokens) - s.computed > 1 and s not in frozen) for s in online)
         gate = self._batch_gate(bool(online), online_prefill)
         batch_budget = (min(self.batch_prefill, budget) if online else budget) if gate else 0
         work: dict[Sequence, int] = {}
         for seq in sorted(self.running, key=lambda s: s.order):
             if seq.slot == 0:  # preempted a moment ago
+                continue
+            if seq in frozen:
+                work[seq] = 1
                 continue
             remaining = len(seq.tokens) - seq.computed
             n = 1 if remaining == 1 else min(remaining, budget, batch_budget if seq.is_batch else budget)

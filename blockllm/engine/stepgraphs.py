@@ -153,6 +153,7 @@ class _Buffers:
     regions: dict[tuple, int] = field(default_factory=dict)  # (segment, bucket) -> arena offset
     used: int = 0  # arena entries handed out
     max_ctx: int = 1  # host bound on any row's context (the torch reference attention only)
+    uploaded: torch.cuda.Event | None = None  # recorded after the last upload from `staging`
 
 
 @dataclass(eq=False)
@@ -388,6 +389,8 @@ class StepGraphs:
         buckets = [bucket(len(rows)) for rows in seg_rows]
         bufs = self._regions(lane, self._buffers(lane, n), [(s.key, b) for s, b in zip(segs, buckets, strict=True)])
         R = bufs.rows
+        if bufs.uploaded is not None:  # the last step's upload may still be queued behind the step in flight
+            bufs.uploaded.synchronize()
         h = bufs.host_inputs
         h.fill(0)
         r = 0
@@ -412,6 +415,9 @@ class StepGraphs:
         k = 4 * (R + 1)  # host_inputs and host_arena are the two parts of the pinned staging buffer
         bufs.inputs.view(-1).copy_(bufs.staging[:k], non_blocking=True)
         bufs.arena[: bufs.used].copy_(bufs.staging[k : k + bufs.used], non_blocking=True)
+        if bufs.inputs.is_cuda:
+            bufs.uploaded = torch.cuda.Event()
+            bufs.uploaded.record()
         step = self._last_seg_step = SegmentStep(self, lane, bufs, runs, item_rows)
         return step
 
