@@ -77,10 +77,10 @@ PRESETS = {
     "cpu": Preset(shape=Shape("tiny", 4, 64, 128, 4, 2, 256), rates=[8.0, 16.0], duration=1.0, drain=10.0, prompt_median=12,
                   output_median=5, max_prompt=48, max_output=12, max_batch=64, kv_bytes=64 << 20, prefill_chunk=512,
                   hf_requests=4, hf_max_new=4, serving=True, blockllm_direct=True, own_host_copies=True, warmup_s=0.5),
-    "1b": Preset(shape=Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), rates=[4.0, 8.0, 16.0], duration=10.0, drain=15.0,
-                 prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=8 << 30,
+    "1b": Preset(shape=Shape("llama-1.1b", 22, 2048, 5632, 32, 4, 32000), rates=[16.0, 32.0, 64.0, 128.0], duration=10.0, drain=15.0,
+                 prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=256, kv_bytes=8 << 30,
                  prefill_chunk=2048, hf_requests=12, hf_max_new=32, serving=True, blockllm_direct=True, own_host_copies=True,
-                 warmup_s=2.0, budget_s=470.0),
+                 warmup_s=2.0, budget_s=555.0),
     "8b": Preset(shape=Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256), rates=[1.5, 3.0], duration=8.0, drain=8.0,
                  prompt_median=100, output_median=128, max_prompt=1024, max_output=512, max_batch=128, kv_bytes=16 << 30,
                  prefill_chunk=2048, hf_requests=6, hf_max_new=16, serving=False, blockllm_direct=True, own_host_copies=False,
@@ -355,6 +355,9 @@ class Bench:
             _free(self.device)
             name, _, over = spec.partition("@")
             overrides = engine_overrides(over)
+            fixed = [k for k in overrides if k.removeprefix("blockllm.engine.").replace("-", "_") in self.engine_kw]
+            if fixed:
+                raise SystemExit(f"{', '.join(fixed)}: the benchmark sets these for every system (see --max-batch and the preset)")
             seen[spec] = seen.get(spec, 0) + 1
             with dask.config.set(overrides):
                 if over and name in ("blockllm_direct", "per_model"):  # the same system, other engine settings: its own row
@@ -365,6 +368,9 @@ class Bench:
                     raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
                 else:
                     steps[name]()
+            if over and spec in self.result["systems"]:
+                self.result["systems"][spec]["engine_settings"] = overrides
+                self.save()
         if hasattr(self, "_host"):
             del self._host
         self.ratios()

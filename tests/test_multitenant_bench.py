@@ -40,12 +40,19 @@ def test_cpu_preset_runs_all_four_systems(tmp_path):
 
 @pytest.mark.slow
 def test_the_engine_alone_can_be_measured_again_later_in_the_same_process(tmp_path):
-    """`--systems blockllm_direct,per_model,blockllm_direct`: the later run is kept beside the first
-    (how an order effect is checked), and the ratios stay those of the first."""
-    result = multitenant.Bench("cpu", tmp_path).run(["blockllm_direct", "per_model", "blockllm_direct"])
+    """`--systems blockllm_direct,per_model,blockllm_direct,per_model@...`: the later run is kept beside
+    the first (how an order effect is checked), a run under other engine settings gets its own row
+    with the settings, and the ratios stay those of the first."""
+    spec = "per_model@overlap-scheduling=false;split-mixed-steps=false"
+    result = multitenant.Bench("cpu", tmp_path).run(["blockllm_direct", "per_model", "blockllm_direct", spec])
     systems = result["systems"]
-    assert list(systems) == ["blockllm_direct", "per_model", "blockllm_direct_2"]
-    for name in ("blockllm_direct", "blockllm_direct_2"):
+    assert list(systems) == ["blockllm_direct", "per_model", "blockllm_direct_2", spec]
+    assert systems[spec]["engine_settings"] == {"blockllm.engine.overlap-scheduling": False, "blockllm.engine.split-mixed-steps": False}
+    with pytest.raises(SystemExit, match="key=value"):
+        multitenant.engine_overrides("overlap-scheduling")
+    with pytest.raises(SystemExit, match="sets these for every system"):  # engine arguments the benchmark passes itself
+        multitenant.Bench("cpu", tmp_path).run(["blockllm_direct@max-batch-size=8"])
+    for name in ("blockllm_direct", "blockllm_direct_2", spec):
         assert [s["requests"] for s in systems[name]["rates"].values()] == list(result["traces"].values())
     rate = str(multitenant.PRESETS["cpu"].rates[0])
     first, pm = systems["blockllm_direct"]["rates"][rate], systems["per_model"]["rates"][rate]
