@@ -26,9 +26,10 @@ from .graphs import GraphCache
 from .kv_cache import KVPool
 from .loading import LoadedModel, ModelLoading
 from .pipeline import PipelinedDecode, _Inflight
-from .plan import Item, ModelClass, Plan, build_plan, fill_inputs
+from .plan import ModelClass, Plan, build_plan, fill_inputs
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
+from .scheduler import by_lane as _by_lane
 from .scheduler import decodes as _decodes
 from .stepgraphs import StepGraphs
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
@@ -277,24 +278,18 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
                     len(self.scheduler.waiting),
                 )
             return outputs
-        by_lane: dict[tuple, dict[tuple, tuple[ModelClass, list[tuple[Sequence, int]]]]] = {}
-        for seq, n in sorted(work, key=lambda w: w[0].arrival):
-            cls = seq.model.cls
-            by_lane.setdefault(cls.lane, {}).setdefault(cls.key, (cls, []))[1].append((seq, n))
+        lanes = _by_lane(work)
         self._count(work)
-        if len(by_lane) == 1 and self._pipelined(work):
-            ((lane_key, classes),) = by_lane.items()
+        if len(lanes) == 1 and self._pipelined(next(iter(lanes.values()))):
+            ((lane_key, groups),) = lanes.items()
             with torch.inference_mode():
-                self._inflight = self._launch(
-                    self.lanes[lane_key], [classes[k] for k in sorted(classes)]
-                )
+                self._inflight = self._launch(self.lanes[lane_key], groups)
             self.steps += 1
             return outputs
         with torch.inference_mode():
             results = []
-            for lane_key, classes in by_lane.items():
+            for lane_key, groups in lanes.items():
                 lane = self.lanes[lane_key]
-                groups = [classes[k] for k in sorted(classes)]
                 for part in self._split_mixed(groups):
                     results.append(self._run_lane(lane, part))
         self.steps += 1
@@ -357,21 +352,7 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
     def _run_lane(self, lane: Lane, groups: list) -> tuple[list, list[int], list[float | None]]:
         """Plan, run (graph replay or eager) and sample one lane's share of the step."""
         lane.pool.sync()
-        item_groups = [
-            (
-                cls,
-                [
-                    Item(
-                        seq.tokens[seq.computed : seq.computed + n],
-                        seq.computed,
-                        seq.slot,
-                        seq.computed + n == len(seq.tokens),
-                    )
-                    for seq, n in members
-                ],
-            )
-            for cls, members in groups
-        ]
+        item_groups = [(cls, [seq.item(n) for seq, n in members]) for cls, members in groups]
         decode = all(_decodes(seq, n) for _, members in groups for seq, n in members)
         on_graphs = decode or self._prefill_on_graphs(groups)
         if on_graphs and self.cuda_graphs and ops._pow2(lane.pool.head_dim):  # the torch attention sizes itself on the host

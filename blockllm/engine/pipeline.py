@@ -22,7 +22,7 @@ from ..types import RequestOutput
 from . import ops
 from .forward import Lane, run_plan
 from .plan import Item, Plan, bucket, build_plan, fill_inputs
-from .scheduler import Sequence, decodes
+from .scheduler import Sequence, by_lane, decodes
 
 
 class _HostEvent:
@@ -61,30 +61,22 @@ class _Inflight:
 class PipelinedDecode:
     """Engine methods for the pipelined path (the Engine owns the state they use)."""
 
-    def _pipelined(self, work: list[tuple[Sequence, int]]) -> bool:
+    def _pipelined(self, groups: list) -> bool:
         """Greedy steps on CUDA graphs run one step ahead of the host's bookkeeping: decode steps,
         and steps with prompt chunks where those ride the segment graphs too."""
+        work = [w for _, members in groups for w in members]
         if not self.cuda_graphs or not ops._pow2(work[0][0].model.lane.pool.head_dim):
             return False
         if not all(_greedy(s) for s, _ in work):
             return False
         if all(decodes(seq, n) for seq, n in work):
             return True
-        return self.overlap and self._prefills_on_graphs() and sum(n for _, n in work) <= self.graph_rows()
+        return self.overlap and self._prefill_on_graphs(groups)
 
     def _launch(self, lane: Lane, groups: list) -> _Inflight:
         """Replay (or capture) the graphs of this step; its tokens copy back asynchronously."""
         lane.pool.sync()
-        item_groups = [
-            (
-                cls,
-                [
-                    Item(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.slot, seq.computed + n == len(seq.tokens))
-                    for seq, n in members
-                ],
-            )
-            for cls, members in groups
-        ]
+        item_groups = [(cls, [seq.item(n) for seq, n in members]) for cls, members in groups]
         plan, entry = self._graph_step(lane, groups, item_groups)
         return self._launched(lane, plan, entry, groups)
 
@@ -180,11 +172,12 @@ class PipelinedDecode:
     def _relaunch(self, prev: _Inflight) -> _Inflight | None:
         """Step N+1 on a new layout, launched while step N's tokens are still on the device.
 
-        The scheduler plans N+1 as usual (admissions, prompt chunks), except that the requests
-        sampling in N are frozen: they neither move nor get preempted, and those it runs decode
-        from their step-N greedy picks, gathered into N+1's inputs on the device. None when this
-        cannot be done (a request samples on the host or runs in another lane, or one going on
-        lacks context or pages): the engine then reads N first and schedules as before."""
+        The scheduler plans N+1 as usual (admissions, prompt chunks, preemptions), except that the
+        requests sampling in N are frozen: those it runs decode one token, their step-N greedy
+        pick, gathered into N+1's inputs on the device (one it preempts loses that token through
+        its epoch). None when this cannot be done (a request samples on the host or runs in another
+        lane, or one going on lacks context or pages): the engine then reads N first and schedules
+        as before."""
         if not (self.overlap and self._prefills_on_graphs() and self.cuda_graphs):
             return None
         lane, sched = prev.lane, self.scheduler
@@ -197,10 +190,7 @@ class PipelinedDecode:
         work = sched.schedule(frozen)
         if not work:
             return None
-        classes: dict[tuple, tuple[Any, list]] = {}
-        for seq, n in sorted(work, key=lambda w: w[0].arrival):
-            classes.setdefault(seq.model.cls.key, (seq.model.cls, []))[1].append((seq, n))
-        groups = [classes[k] for k in sorted(classes)]
+        (groups,) = by_lane(work).values()  # every request is in prev's lane (checked above)
         self._count(work)
         lane.pool.sync()
         item_groups, moves = [], []  # moves: (item index, row of its token in step N)
@@ -213,7 +203,7 @@ class PipelinedDecode:
                     moves.append((k, row))
                     items.append(Item([0], seq.computed + m, seq.slot, True))
                 else:
-                    items.append(Item(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.slot, seq.computed + n == len(seq.tokens)))
+                    items.append(seq.item(n))
                 k += 1
             item_groups.append((cls, items))
         step = self._segment_step(lane, item_groups)

@@ -16,6 +16,7 @@ import torch
 
 from .. import config as _config
 from ..types import BATCH_PRIORITY, Request
+from .plan import Item
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,24 @@ class Sequence:
     def is_batch(self) -> bool:
         return self.req.priority <= BATCH_PRIORITY
 
+    def item(self, n: int) -> Item:
+        """Its share of a step: its next n tokens (a decode, or a prompt chunk), from the host."""
+        end = self.computed + n
+        return Item(self.tokens[self.computed : end], self.computed, self.slot, end == len(self.tokens))
+
 
 def decodes(seq: Sequence, n: int) -> bool:
     """One token that samples the next: a decode (a 1-token chunk inside a prompt is a prefill)."""
     return n == 1 and seq.computed + 1 == len(seq.tokens)
+
+
+def by_lane(work: list[tuple[Sequence, int]]) -> dict[tuple, list[tuple[Any, list[tuple[Sequence, int]]]]]:
+    """A step's work per lane, as classes in key order, each with its members in arrival order."""
+    lanes: dict[tuple, dict[tuple, tuple[Any, list]]] = {}
+    for seq, n in sorted(work, key=lambda w: w[0].arrival):
+        cls = seq.model.cls
+        lanes.setdefault(cls.lane, {}).setdefault(cls.key, (cls, []))[1].append((seq, n))
+    return {lane: [classes[k] for k in sorted(classes)] for lane, classes in lanes.items()}
 
 
 class Scheduler:
