@@ -340,6 +340,17 @@ class Bench:
             out[r] = row
         self.result["ratios"] = out
 
+    def _system_spec(self, spec: str) -> tuple[str, str, dict[str, Any]]:
+        """`name` or `name@key=value;...` -> (spec, name, engine.* settings), or SystemExit."""
+        name, _, over = spec.partition("@")
+        overrides = engine_overrides(over)
+        if overrides and name not in ("blockllm_direct", "per_model"):
+            raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
+        fixed = [k for k in overrides if k.removeprefix("blockllm.engine.").replace("-", "_") in self.engine_kw]
+        if fixed:
+            raise SystemExit(f"{', '.join(fixed)}: the benchmark sets these for every system (see --max-batch and the preset)")
+        return spec, name, overrides
+
     def run(self, systems: list[str]) -> dict[str, Any]:
         steps = {"blockllm": self.blockllm_serving if self.p.serving else (lambda: self.blockllm_direct("blockllm_direct")),
                  "per_model": self.per_model, "lora_only": self.lora_only, "transformers": self.transformers_ref,
@@ -350,25 +361,19 @@ class Bench:
         if not self.p.own_host_copies:
             self.result["notes"].append("per-model reloads copy a model's bytes from ONE shared pinned host buffer (host RAM cannot "
                                         "hold 16 full copies): the bytes and time of every reload are real, the weights are not the variant's")  # fmt: skip
+        runs = [self._system_spec(spec) for spec in systems]  # every spec checked before anything runs
         seen: dict[str, int] = {}
-        for spec in systems:
+        for spec, name, overrides in runs:
             _free(self.device)
-            name, _, over = spec.partition("@")
-            overrides = engine_overrides(over)
-            fixed = [k for k in overrides if k.removeprefix("blockllm.engine.").replace("-", "_") in self.engine_kw]
-            if fixed:
-                raise SystemExit(f"{', '.join(fixed)}: the benchmark sets these for every system (see --max-batch and the preset)")
             seen[spec] = seen.get(spec, 0) + 1
             with dask.config.set(overrides):
-                if over and name in ("blockllm_direct", "per_model"):  # the same system, other engine settings: its own row
+                if overrides:  # the same system, other engine settings: its own row
                     (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
                 elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
                     self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
-                elif over:
-                    raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
                 else:
                     steps[name]()
-            if over and spec in self.result["systems"]:
+            if overrides and spec in self.result["systems"]:
                 self.result["systems"][spec]["engine_settings"] = overrides
                 self.save()
         if hasattr(self, "_host"):

@@ -52,6 +52,10 @@ def test_the_engine_alone_can_be_measured_again_later_in_the_same_process(tmp_pa
         multitenant.engine_overrides("overlap-scheduling")
     with pytest.raises(SystemExit, match="sets these for every system"):  # engine arguments the benchmark passes itself
         multitenant.Bench("cpu", tmp_path).run(["blockllm_direct@max-batch-size=8"])
+    refused = tmp_path / "refused"
+    with pytest.raises(SystemExit, match="blockllm_direct and per_model only"):  # checked before per_model runs
+        multitenant.Bench("cpu", refused).run(["per_model", "lora_only@overlap-scheduling=false"])
+    assert not list(refused.glob("*.json"))
     for name in ("blockllm_direct", "blockllm_direct_2", spec):
         assert [s["requests"] for s in systems[name]["rates"].values()] == list(result["traces"].values())
     rate = str(multitenant.PRESETS["cpu"].rates[0])
