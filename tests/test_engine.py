@@ -812,6 +812,50 @@ def test_triton_kernels_match_the_torch_references():
         assert close(triton_ops.gemm(a, wt, res.clone()), res + a @ wt.t(), 1e-2)
 
 
+_SPLIT_TIMING_RACE = """
+import torch
+from blockllm.engine import ops, triton_ops as T
+torch.manual_seed(0)
+dev, dt = "cuda", torch.bfloat16
+H, Hkv, D, ps, pages = 32, 8, 128, 16, 64
+k, v = (torch.randn(pages, ps, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+table = torch.randperm(pages, device=dev).to(torch.int32).view(1, 1, pages)
+slots, q = torch.zeros(1, dtype=torch.int64, device=dev), torch.randn(1, H, D, device=dev, dtype=dt)
+good = torch.tensor([pages * ps - 1], device=dev)
+for s in (1, 2, 4, 8, 16, 32):  # compile every candidate now, so the host reaches the timing at once
+    T.decode_attention(q, k, v, table, slots, good, 0, D**-0.5, splits=s)
+torch.cuda.synchronize()
+T._SPLITS.clear()
+pos = torch.full((1,), 2**30, device=dev)  # read before it is written: 2**30 tokens past the table
+torch.cuda.synchronize()
+side = torch.cuda.Stream()  # the engine's warm-up before a capture runs on a side stream too
+with torch.cuda.stream(side):
+    torch.cuda._sleep(2**29)  # about 0.3 s of the caller's stream
+    pos.copy_(good)  # queued behind the sleep
+    out = T.decode_attention(q, k, v, table, slots, pos, 0, D**-0.5)  # times its split counts first
+torch.cuda.synchronize()
+ref = ops.decode_attention_ref(q, k, v, table, slots, good, 0, D**-0.5, pages * ps)
+err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+assert T._SPLITS and err < 2e-2, (T._SPLITS, err)
+print("split timing waited", T._SPLITS)
+"""
+
+
+@pytest.mark.gpu
+def test_split_timing_waits_for_work_queued_on_the_callers_stream():
+    """The decode-attention split timing replays on a stream of its own (do_bench_cudagraph). It
+    must wait for work still queued on the caller's stream (a side stream, as in the engine's
+    warm-up before a capture): here the context length is written behind a 0.3 s sleep, and read
+    too early it points 2**30 tokens past the block table. Run in
+    a subprocess, since an illegal address poisons the CUDA context (the 8B per-model warm-up
+    died so, NOTES-multitenant.md)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SPLIT_TIMING_RACE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "split timing waited" in r.stdout, r.stderr[-3000:]
+
+
 @pytest.mark.gpu
 def test_seeded_sampling_on_cuda_is_reproducible_whatever_the_batch(tiny_zoo, tiny_family, tok):
     eng = engine_for(tiny_zoo, tiny_family, device="cuda", dtype=torch.float32)
@@ -834,3 +878,4 @@ def test_seeded_sampling_on_cuda_is_reproducible_whatever_the_batch(tiny_zoo, ti
 
 def alone_prompt(tok) -> tuple[int, ...]:
     return tuple(tok(PROMPTS[0])["input_ids"])
+

@@ -182,7 +182,13 @@ def rope_and_store_kv(
 # ---------------------------------------------------------------------------------------- attention
 def _graph_bench(fn, quantiles=None):
     """Time `fn` replayed in a CUDA graph: what a captured step pays, without the host's launch
-    cost (run 3 timed eagerly and so favoured fewer, cuBLAS launches: see NOTES-engine.md)."""
+    cost (run 3 timed eagerly and so favoured fewer, cuBLAS launches: see NOTES-engine.md).
+
+    do_bench_cudagraph runs `fn` on a stream of its own, which does not wait for the caller's:
+    the device is synchronized first, or `fn` may read inputs (positions, block tables, the
+    layer's q) that work still queued on the caller's stream has not written yet. The 8B
+    per-model warm-up crashed so with an illegal address (NOTES-multitenant.md, 8b run 3)."""
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=10, quantiles=quantiles)
 
 
