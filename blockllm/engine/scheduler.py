@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from ..types import BATCH_PRIORITY, Request
 from .plan import Item
 
 log = logging.getLogger(__name__)
+_order = attrgetter("order")
 
 
 @dataclass(eq=False)
@@ -43,12 +46,12 @@ class Sequence:
     def generated(self) -> list[int]:
         return self.tokens[self.n_prompt :]
 
-    @property
+    @cached_property
     def order(self) -> tuple[int, int]:
-        """Sort key: higher priority first, then first come."""
+        """Sort key: higher priority first, then first come (the request and its arrival never change)."""
         return (-self.req.priority, self.arrival)
 
-    @property
+    @cached_property
     def is_batch(self) -> bool:
         return self.req.priority <= BATCH_PRIORITY
 
@@ -165,19 +168,30 @@ class Scheduler:
         ]
 
     def _make_room(self) -> None:
-        """Waiting online sequences preempt running batch ones (latest first) that hold what they lack."""
-        for seq in sorted(self.waiting, key=lambda s: s.order):
+        """Waiting online sequences preempt running batch ones (latest first) that hold what they lack.
+
+        Runs every step, with hundreds waiting at saturation: nothing is judged while no batch
+        sequence runs, and a model whose request found no victim is not asked again (for the same
+        page shortage) until a preemption changes the counts."""
+        if not any(s.is_batch and s.slot for s in self.running):
+            return
+        hopeless: set[tuple[int, bool]] = set()
+        for seq in sorted(self.waiting, key=_order):
             if seq.is_batch:
                 break  # sorted: only batch sequences follow
             while True:
                 full, short = self._blocked(seq)
                 if not full and not short:
                     break
+                if (id(seq.model), short) in hopeless:
+                    break
                 victims = self._victims(seq, full, short)
                 if not victims:
+                    hopeless.add((id(seq.model), short))
                     break
-                self.preempt(max(victims, key=lambda s: s.order), "an online request needs its room")
+                self.preempt(max(victims, key=_order), "an online request needs its room")
                 self.batch_preemptions += 1
+                hopeless.clear()
 
     def _batch_gate(self, online: bool, online_prefill: bool) -> bool:
         """May batch sequences prefill in this step?"""
@@ -207,7 +221,7 @@ class Scheduler:
         """Whether a waiting online request could be admitted now, batch work preempted if need be
         (what `_make_room` and `schedule` would do), judged once per model."""
         seen: set[int] = set()
-        for seq in sorted(self.waiting, key=lambda s: s.order):
+        for seq in sorted(self.waiting, key=_order):
             if seq.is_batch or id(seq.model) in seen:
                 continue
             seen.add(id(seq.model))
@@ -232,7 +246,7 @@ class Scheduler:
         gate = self._batch_gate(bool(online), online_prefill)
         batch_budget = (min(self.batch_prefill, budget) if online else budget) if gate else 0
         work: dict[Sequence, int] = {}
-        for seq in sorted(self.running, key=lambda s: s.order):
+        for seq in sorted(self.running, key=_order):
             if seq.slot == 0:  # preempted a moment ago
                 continue
             if seq in frozen:
@@ -244,7 +258,7 @@ class Scheduler:
                 continue
             pool = seq.model.lane.pool
             while not pool.ensure(seq.slot, seq.computed + n):
-                victim = max(self.running, key=lambda s: s.order)  # lowest priority, latest
+                victim = max(self.running, key=_order)  # lowest priority, latest
                 work.pop(victim, None)
                 self.preempt(victim)
                 if victim is seq:
@@ -255,11 +269,15 @@ class Scheduler:
                     budget -= n
                     if seq.is_batch:
                         batch_budget -= n
-        for seq in sorted(self.waiting, key=lambda s: s.order):
+        at_limit: set[tuple[int, bool]] = set()  # (model, batch?) found at a block limit: admissions only fill blocks further
+        for seq in sorted(self.waiting, key=_order):
             if budget <= 0 or (seq.is_batch and batch_budget <= 0):
                 break
+            if (id(seq.model), seq.is_batch) in at_limit:
+                continue
             full, short = self._blocked(seq)
             if full:
+                at_limit.add((id(seq.model), seq.is_batch))
                 continue  # a block it needs is at its (batch) limit: it waits, others may go
             if short:
                 break  # admission waits for pages, in priority order
