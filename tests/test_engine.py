@@ -879,3 +879,19 @@ def test_seeded_sampling_on_cuda_is_reproducible_whatever_the_batch(tiny_zoo, ti
 def alone_prompt(tok) -> tuple[int, ...]:
     return tuple(tok(PROMPTS[0])["input_ids"])
 
+
+def test_staging_reuses_download_buffers_and_uploads_exact_values():
+    """The engine's reused host buffers (pinned on CUDA): a buffer given back is lent again, one
+    still lent is not, and uploads carry their values and dtype."""
+    from blockllm.engine.staging import Staging
+
+    st = Staging(torch.device("cpu"))
+    a = st.borrow(10)
+    b = st.borrow(10)
+    assert a.data_ptr() != b.data_ptr()
+    st.give_back(a)
+    c = st.borrow(7)
+    assert c.data_ptr() == a.data_ptr() and c.shape == (7,)
+    assert st.borrow(7).data_ptr() not in (a.data_ptr(), b.data_ptr())  # c is still lent
+    up = st.upload([[1, 2], [3, 4]], torch.int32)
+    assert up.dtype == torch.int32 and up.tolist() == [[1, 2], [3, 4]]

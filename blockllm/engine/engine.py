@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
 from .scheduler import by_lane as _by_lane
 from .scheduler import decodes as _decodes
+from .staging import Staging
 from .stepgraphs import StepGraphs
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
@@ -146,6 +148,10 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         # a step whose batch changed launches before the last step's tokens reach the host (pipeline.py)
         self.overlap = bool(_config.get("engine.overlap-scheduling", True))
         self.steps = 0
+        # host seconds spent waiting for steps' tokens (the pipeline's event, the eager path's
+        # sampling copy): the rest of a step's wall time is host work the GPU may wait on
+        self.wait_s = 0.0
+        self.staging = Staging(self.device)  # reused pinned buffers for the pipeline's small transfers
         self.tokens_generated = 0
         self.last_batch: dict[str, int] = {}
         self.block_tokens: Counter[str] = Counter()
@@ -374,7 +380,9 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
                     params.append(seq.req.sampling)
                     gens.append(seq.generator)
                 k += 1
+        t0 = time.perf_counter()
         toks, lps = sample(logits, greedy, rows, params, gens)
+        self.wait_s += time.perf_counter() - t0
         return groups, toks, lps
 
     def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:
@@ -394,7 +402,7 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             if hits:
                 seq.reason, seq.text = "stop", text[: min(hits)]
         if seq.reason is None and (
-            len(seq.generated) >= p.max_new_tokens or len(seq.tokens) >= m.context
+            len(seq.tokens) - seq.n_prompt >= p.max_new_tokens or len(seq.tokens) >= m.context
         ):
             seq.reason = "length"
         if seq.reason is not None:

@@ -13,6 +13,8 @@ import logging
 import numpy as np
 import torch
 
+from .staging import Staging
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,7 @@ class KVPool:
         self._free_slots = list(range(slots, 0, -1))
         self._pages_of: dict[int, int] = {}  # slot -> pages per layer it holds
         self._dirty: set[int] = set()
+        self._staging = Staging(device)
         self.generation = (
             0  # bumped when block_table is reallocated (captured graphs then go stale)
         )
@@ -146,14 +149,8 @@ class KVPool:
             return
         slots = sorted(self._dirty)
         self._dirty.clear()
-        rows = torch.from_numpy(self._host_table[slots])
-        idx = torch.tensor(slots, dtype=torch.long)
-        if self.device.type == "cuda":  # pinned: the copy is asynchronous
-            rows, idx = (
-                rows.pin_memory().to(self.device, non_blocking=True),
-                idx.pin_memory().to(self.device, non_blocking=True),
-            )
-        self.block_table.index_copy_(0, idx, rows)
+        rows = self._staging.upload(self._host_table[slots], torch.int32)  # pinned: asynchronous
+        self.block_table.index_copy_(0, self._staging.upload(slots), rows)
 
 
 def auto_pages(device: torch.device, page_bytes: int, wanted: int, fraction: float = 0.5) -> int:

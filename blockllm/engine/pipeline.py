@@ -12,6 +12,7 @@ meanwhile is dropped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ class PipelinedDecode:
         if chainable:
             a = np.zeros(plan.n_rows, dtype=np.int64)
             a[[r for _, r, _, _ in rows]] = 1
-            advance = _pinned(torch.from_numpy(a)).to(self.device, non_blocking=True)
+            advance = self.staging.upload(a)
         return self._replay(lane, plan, entry, rows, advance, run=False)
 
     def _graph_step(self, lane: Lane, groups: list, item_groups: list) -> tuple[Any, Any]:
@@ -120,7 +121,7 @@ class PipelinedDecode:
         if run:
             entry.graph.replay()
             entry.replays += 1
-        host = _pinned(torch.empty(plan.n_rows, dtype=torch.int64))
+        host = self.staging.borrow(plan.n_rows)
         host.copy_(entry.outputs[1], non_blocking=True)
         event = torch.cuda.Event() if self.device.type == "cuda" else _HostEvent()
         event.record()
@@ -159,7 +160,7 @@ class PipelinedDecode:
         if len(live) < len(prev.rows):  # ended rows: position 0 in the scratch slot from now on, no advancing
             alive = {row for _, row, _, _ in live}
             dead = [row for _, row, _, _ in prev.rows if row not in alive]
-            rows = _pinned(torch.tensor(dead, dtype=torch.int64)).to(self.device, non_blocking=True)
+            rows = self.staging.upload(dead)
             plan.inputs[1:3].index_fill_(1, rows, 0)
             advance = advance.index_fill(0, rows, 0)
         plan.inputs[1].add_(advance)
@@ -208,16 +209,18 @@ class PipelinedDecode:
             item_groups.append((cls, items))
         step = self._segment_step(lane, item_groups)
         if moves:
-            idx = torch.tensor([[step.item_rows[k] for k, _ in moves], [r for _, r in moves]], dtype=torch.int64)
-            idx = _pinned(idx).to(self.device, non_blocking=True)
+            idx = self.staging.upload([[step.item_rows[k] for k, _ in moves], [r for _, r in moves]])
             step.inputs[0].index_copy_(0, idx[0], prev.entry.outputs[1].index_select(0, idx[1]))
         step.run()
         self.steps += 1
         return self._launched(lane, step, step, groups)
 
     def _collect(self, prev: _Inflight) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         prev.event.synchronize()
+        self.wait_s += time.perf_counter() - t0
         toks = prev.host.tolist()
+        self.staging.give_back(prev.host)
         outputs = []
         for seq, row, n, epoch in prev.rows:
             if seq.finished or seq.epoch != epoch:  # ended, aborted or preempted while this step was in flight: discard
