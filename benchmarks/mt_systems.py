@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,8 +135,15 @@ class GroupScheduler(Scheduler):
 
     def __init__(self, prefill_chunk: int, limit_of: Any, group_of: Any) -> None:
         super().__init__(prefill_chunk, limit_of)
-        self.group_of = group_of
+        self._group_of = group_of
+        self._groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a sequence's group, worked out once
         self._last: str | None = None
+
+    def group_of(self, seq: Any) -> str:
+        g = self._groups.get(seq)
+        if g is None:
+            g = self._groups[seq] = self._group_of(seq)
+        return g
 
     def groups(self) -> list[str]:
         return sorted({self.group_of(s) for s in (*self.running, *self.waiting)})
@@ -268,15 +277,56 @@ def _profile_rows(prof: Any) -> dict[str, list[dict[str, Any]]]:
     return {"by_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:15], "by_device": sorted(rows, key=lambda r: -r["self_device_ms"])[:15]}
 
 
-def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: float, profile: tuple[float, float] | None = None) -> RunLog:
+def _host_rows(prof: Any) -> dict[str, list[dict[str, Any]]]:
+    """cProfile's functions by own time and by time with callees (the host's Python hot spots)."""
+    import pstats
+
+    st = pstats.Stats(prof)
+    rows = [{"fn": f"{Path(f).name}:{line}:{name}"[:90], "calls": nc, "own_ms": tt * 1e3, "cum_ms": ct * 1e3}
+            for (f, line, name), (_cc, nc, tt, ct, _callers) in st.stats.items()]  # fmt: skip
+    return {"by_own": sorted(rows, key=lambda r: -r["own_ms"])[:25], "by_cum": sorted(rows, key=lambda r: -r["cum_ms"])[:25]}
+
+
+class _Profiler:
+    """One profiling window of a replay: torch.profiler ("device": ops and kernels) or cProfile
+    ("host": the Python functions of the engine loop)."""
+
+    def __init__(self, kind: str, device: torch.device) -> None:
+        if kind == "host":
+            import cProfile
+
+            self.prof: Any = cProfile.Profile()
+        else:
+            from torch.profiler import ProfilerActivity
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            self.prof = torch.profiler.profile(activities=acts)
+        self.kind, self.device = kind, device
+
+    def __enter__(self) -> _Profiler:
+        self.prof.enable() if self.kind == "host" else self.prof.__enter__()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        sync(self.device)
+        if self.kind == "host":
+            self.prof.disable()
+            return {"kind": "host", **_host_rows(self.prof)}
+        self.prof.__exit__(None, None, None)
+        return {"kind": "device", **_profile_rows(self.prof)}
+
+
+def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: float, profile: tuple[float, float] | None = None,
+          profile_kind: str = "device") -> RunLog:  # fmt: skip
     """Replay `trace` (workload.Arrival) in real time through an engine-side system; stop at `deadline`.
-    `profile=(t0, t1)`: torch.profiler over that window of the run (host ops and device kernels)."""
+    `profile=(t0, t1)`: a profiler over that window of the run, torch.profiler (`profile_kind`
+    "device": host ops and device kernels) or cProfile ("host": the engine loop's Python)."""
     engine = system.engine
     prof = None
     system.reset()
     log_ = RunLog()
     g0, c0 = engine.graph_stats()
-    s0 = engine.steps
+    s0, w0 = engine.steps, engine.wait_s
     t0 = time.perf_counter()
     i, n = 0, len(trace)
     while True:
@@ -288,16 +338,11 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
             system.arrive(rid, a.model, prompt_ids(i, a.prompt_len, vocab, seed), a.output_len, now)
             i += 1
         if profile is not None and prof is None and now >= profile[0]:
-            from torch.profiler import ProfilerActivity
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-            prof = torch.profiler.profile(activities=acts)
-            prof.__enter__()
-            p_steps, p_t = engine.steps, now
+            prof = _Profiler(profile_kind, engine.device).__enter__()
+            p_steps, p_t, p_w = engine.steps, now, engine.wait_s
         if prof is not None and profile is not None and now >= profile[1] and "profile" not in log_.extra:
-            sync(engine.device)
-            prof.__exit__(None, None, None)
-            log_.extra["profile"] = {"window_s": now - p_t, "steps": engine.steps - p_steps, **_profile_rows(prof)}
+            rows = prof.stop()
+            log_.extra["profile"] = {"window_s": now - p_t, "steps": engine.steps - p_steps, "host_wait_s": engine.wait_s - p_w, **rows}
         system.pump(now, log_)
         if engine.has_unfinished():
             outs = engine.step()
@@ -314,9 +359,8 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
             break
     log_.end = time.perf_counter() - t0
     if prof is not None and "profile" not in log_.extra:
-        sync(engine.device)
-        prof.__exit__(None, None, None)
-        log_.extra["profile"] = {"window_s": log_.end - p_t, "steps": engine.steps - p_steps, **_profile_rows(prof)}
+        rows = prof.stop()
+        log_.extra["profile"] = {"window_s": log_.end - p_t, "steps": engine.steps - p_steps, "host_wait_s": engine.wait_s - p_w, **rows}
     for rid, r in log_.recs.items():  # past the deadline: abort what is left (counted unfinished)
         if r.done is None:
             engine.abort(rid)
@@ -329,7 +373,7 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
     if hasattr(system, "queue"):
         system.queue.clear()
     log_.extra.update(graph_captures=engine.graph_stats()[0] - g0, graph_capture_s=engine.graph_stats()[1] - c0,
-                      engine_steps=engine.steps - s0)  # fmt: skip
+                      engine_steps=engine.steps - s0, host_wait_s=engine.wait_s - w0)  # fmt: skip
     return log_
 
 
@@ -363,7 +407,7 @@ class ServingRun:
 
         log_ = RunLog()
         eng = self.engine
-        (g0, c0), s0 = eng.graph_stats(), eng.steps
+        (g0, c0), s0, w0 = eng.graph_stats(), eng.steps, eng.wait_s
         futures = {}
         t0 = time.perf_counter()
 
@@ -409,7 +453,7 @@ class ServingRun:
             if r.done is None:
                 r.tokens = 0
         log_.extra.update(graph_captures=eng.graph_stats()[0] - g0, graph_capture_s=eng.graph_stats()[1] - c0,
-                          engine_steps=eng.steps - s0)  # fmt: skip
+                          engine_steps=eng.steps - s0, host_wait_s=eng.wait_s - w0)  # fmt: skip
         return log_
 
     def close(self) -> None:

@@ -124,7 +124,7 @@ def _peak(device: torch.device) -> int | None:
 
 
 class Bench:
-    def __init__(self, preset_name: str, out_dir: Path, profile: bool = False) -> None:
+    def __init__(self, preset_name: str, out_dir: Path, profile: str | None = None) -> None:
         self.name, self.p, self.profile = preset_name, PRESETS[preset_name], profile
         self.t_start = time.perf_counter()
         self.device = torch.device("cuda" if preset_name != "cpu" else "cpu")
@@ -195,7 +195,7 @@ class Bench:
         if self.profile and profiled is not None and not self.over_budget():
             # a separate, shorter replay of the highest rate: the profiler's overhead stays out of the numbers above
             t0 = min(1.0, self.p.duration / 4)
-            rl = profiled(self.traces[max(self.p.rates)], (t0, t0 + 1.5))
+            rl = profiled(self.traces[max(self.p.rates)], (t0, t0 + 1.5), self.profile)
             sysres["profile"] = {"rate": max(self.p.rates), "window": [t0, t0 + 1.5], **rl.extra.get("profile", {})}
         self.save()
 
@@ -240,7 +240,7 @@ class Bench:
                 "weight_bytes_gpu": eng.stats().weight_bytes}  # fmt: skip
         system = DirectSystem(eng, {v.name: v.manifest.key for v in self.ms.variants})
         self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
-                    lambda tr, w: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w))
+                    lambda tr, w, kind: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w, kind))
         system = eng = None  # free the weights before the next system
         _free(self.device)
 
@@ -276,7 +276,7 @@ class Bench:
                 "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
         self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
-                    lambda tr, w: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w))
+                    lambda tr, w, kind: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w, kind))
         system = eng = None  # free the weights before the next system
         _free(self.device)
 
@@ -453,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct",
                     help="comma list, run in this order; blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
                          "blockllm_direct@KEY=VALUE;KEY=VALUE (or per_model@...) runs it again under those engine.* settings, as its own row")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over 1.5 s of an extra replay of the highest rate (engine-driven systems)")
+    ap.add_argument("--profile", nargs="?", const="device", choices=("device", "host"), default=None,
+                    help="profile 1.5 s of an extra replay of the highest rate (engine-driven systems): torch.profiler's ops and "
+                         "kernels (device, the default), or cProfile's Python functions of the engine loop (host)")  # fmt: skip
     ap.add_argument("--budget", type=float, default=None, help="seconds after which no new run starts")
     ap.add_argument("--rates", default="", help="comma list of arrival rates, requests/s (default: the preset's)")
     ap.add_argument("--max-batch", type=int, default=None, help="per-block batch limit of every system (default: the preset's)")

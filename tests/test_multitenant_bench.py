@@ -11,7 +11,7 @@ from benchmarks import multitenant
 
 @pytest.mark.slow
 def test_cpu_preset_runs_all_four_systems(tmp_path):
-    result = multitenant.Bench("cpu", tmp_path, profile=True).run(["blockllm", "per_model", "lora_only", "transformers"])
+    result = multitenant.Bench("cpu", tmp_path, profile="device").run(["blockllm", "per_model", "lora_only", "transformers"])
     saved = json.loads((tmp_path / "multitenant-cpu.json").read_text())
     assert saved["device"] and saved["versions"]["torch"] and saved["seed"] == 0
     systems = saved["systems"]
@@ -44,9 +44,15 @@ def test_the_engine_alone_can_be_measured_again_later_in_the_same_process(tmp_pa
     the first (how an order effect is checked), a run under other engine settings gets its own row
     with the settings, and the ratios stay those of the first."""
     spec = "per_model@overlap-scheduling=false;split-mixed-steps=false"
-    result = multitenant.Bench("cpu", tmp_path).run(["blockllm_direct", "per_model", "blockllm_direct", spec])
+    result = multitenant.Bench("cpu", tmp_path, profile="host").run(["blockllm_direct", "per_model", "blockllm_direct", spec])
     systems = result["systems"]
     assert list(systems) == ["blockllm_direct", "per_model", "blockllm_direct_2", spec]
+    # --profile host: cProfile's view of the engine loop; every run says how long the host waited on steps
+    prof = systems["blockllm_direct"]["profile"]
+    assert prof["kind"] == "host" and prof["steps"] > 0 and 0 <= prof["host_wait_s"] < prof["window_s"]
+    assert any(r["fn"].endswith(":step") for r in prof["by_cum"]), prof["by_cum"]
+    for s in systems["blockllm_direct"]["rates"].values():
+        assert 0 < s["host_wait_s"] < s["makespan_s"]
     assert systems[spec]["engine_settings"] == {"blockllm.engine.overlap-scheduling": False, "blockllm.engine.split-mixed-steps": False}
     with pytest.raises(SystemExit, match="key=value"):
         multitenant.engine_overrides("overlap-scheduling")
