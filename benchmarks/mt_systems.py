@@ -289,9 +289,10 @@ def _host_rows(prof: Any) -> dict[str, list[dict[str, Any]]]:
 
 class _Profiler:
     """One profiling window of a replay: torch.profiler ("device": ops and kernels) or cProfile
-    ("host": the Python functions of the engine loop)."""
+    ("host": the Python functions of the engine loop), with the engine's steps and host wait in it."""
 
-    def __init__(self, kind: str, device: torch.device) -> None:
+    def __init__(self, kind: str, engine: Engine, now: float) -> None:
+        device = engine.device
         if kind == "host":
             import cProfile
 
@@ -301,19 +302,20 @@ class _Profiler:
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             self.prof = torch.profiler.profile(activities=acts)
-        self.kind, self.device = kind, device
+        self.kind, self.engine = kind, engine
+        self.t0, self.steps0, self.wait0 = now, engine.steps, engine.wait_s
+        self.prof.enable() if kind == "host" else self.prof.__enter__()
 
-    def __enter__(self) -> _Profiler:
-        self.prof.enable() if self.kind == "host" else self.prof.__enter__()
-        return self
-
-    def stop(self) -> dict[str, Any]:
-        sync(self.device)
+    def stop(self, now: float) -> dict[str, Any]:
+        sync(self.engine.device)
         if self.kind == "host":
             self.prof.disable()
-            return {"kind": "host", **_host_rows(self.prof)}
-        self.prof.__exit__(None, None, None)
-        return {"kind": "device", **_profile_rows(self.prof)}
+            rows = _host_rows(self.prof)
+        else:
+            self.prof.__exit__(None, None, None)
+            rows = _profile_rows(self.prof)
+        eng = self.engine
+        return {"kind": self.kind, "window_s": now - self.t0, "steps": eng.steps - self.steps0, "host_wait_s": eng.wait_s - self.wait0, **rows}
 
 
 def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: float, profile: tuple[float, float] | None = None,
@@ -338,11 +340,9 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
             system.arrive(rid, a.model, prompt_ids(i, a.prompt_len, vocab, seed), a.output_len, now)
             i += 1
         if profile is not None and prof is None and now >= profile[0]:
-            prof = _Profiler(profile_kind, engine.device).__enter__()
-            p_steps, p_t, p_w = engine.steps, now, engine.wait_s
+            prof = _Profiler(profile_kind, engine, now)
         if prof is not None and profile is not None and now >= profile[1] and "profile" not in log_.extra:
-            rows = prof.stop()
-            log_.extra["profile"] = {"window_s": now - p_t, "steps": engine.steps - p_steps, "host_wait_s": engine.wait_s - p_w, **rows}
+            log_.extra["profile"] = prof.stop(now)
         system.pump(now, log_)
         if engine.has_unfinished():
             outs = engine.step()
@@ -359,8 +359,7 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
             break
     log_.end = time.perf_counter() - t0
     if prof is not None and "profile" not in log_.extra:
-        rows = prof.stop()
-        log_.extra["profile"] = {"window_s": log_.end - p_t, "steps": engine.steps - p_steps, "host_wait_s": engine.wait_s - p_w, **rows}
+        log_.extra["profile"] = prof.stop(log_.end)
     for rid, r in log_.recs.items():  # past the deadline: abort what is left (counted unfinished)
         if r.done is None:
             engine.abort(rid)
