@@ -88,6 +88,16 @@ def test_online_first_and_batch_only_into_free_room():
     assert [t.priority for t in adm.take(5, batch=5)] == ["batch"] and len(adm) == 0
 
 
+def test_take_hands_out_past_the_few_while_prompt_tokens_fit_and_never_past_the_cap():
+    adm = Admission(max_per_tenant=64, quantum=1000)
+    for i in range(10):
+        adm.offer(ticket("a", i, prompt=10))
+    assert len(adm.take(1, tokens=35, cap=8)) == 4  # the one it always takes, then while 10/20/30 < 35 prompt tokens
+    assert len(adm.take(1, tokens=1000, cap=3)) == 3  # the budget would take all six left: the cap stops it
+    assert len(adm.take(2, tokens=0, cap=8)) == 2  # no budget: only the few
+    assert adm.queued() == 1
+
+
 def test_removed_tickets_leave_the_counts():
     adm = Admission(max_per_tenant=2, max_per_model=10, quantum=8)
     adm.offer(ticket("a", 0))
@@ -166,12 +176,75 @@ def test_a_flooding_tenant_is_refused_and_a_quiet_one_still_served(live):
         assert host.submit([w]) == [None]  # never refused: its own queue is empty
         quiet.append(w["request_id"])
         waiting.append(host.engine.stats().waiting)
-    assert max(waiting) <= 2 + 1  # the engine sees few waiting requests, the rest wait in admission
+    assert max(waiting) <= 8  # the engine holds at most a batch (max_batch_size) waiting; the rest wait in admission
     done = lh.wait(quiet, timeout=10)
     assert set(done) == set(quiet) and all(not st["error"] and len(st["token_ids"]) == 6 for st in done.values())
     rest = lh.wait(accepted, timeout=60)
     assert set(rest) == set(accepted)  # the flooder's admitted requests are served too, none lost
     assert host.admission.snapshot()["per_tenant"] == {}
+
+
+def test_an_idle_engine_gets_its_whole_prefill_budget_in_one_hand_out(live):
+    """engine-waiting is 2 here, yet six short prompts reach the engine in one hand-out: they all fit
+    its next step's prefill budget (two per step throttled arrivals to two per step)."""
+    lh, keys = live
+    host = lh.host
+
+    def on_the_stepping_thread(engine):
+        assert not engine.has_unfinished()
+        errors = host.submit([wire(f"hb-{i}", keys["globex"], n=3) for i in range(6)])
+        host._hand_out()
+        return errors, len(engine.scheduler.waiting)
+
+    errors, waiting = host._call(on_the_stepping_thread).result(30)
+    assert errors == [None] * 6 and waiting == 6
+    done = lh.wait([f"hb-{i}" for i in range(6)], timeout=30)
+    assert len(done) == 6 and all(not st["error"] and len(st["token_ids"]) == 3 for st in done.values())
+
+
+def test_a_poll_answers_at_once_when_its_request_is_aborted_and_leaves_no_waiter(live):
+    """A long poll waits on its own requests only; aborting one answers it now (unknown request),
+    not at its timeout, and no waiter is left registered afterwards."""
+    lh, keys = live
+    host = lh.host
+    gate = threading.Event()
+    host._call(lambda engine: gate.wait(10))  # the stepping thread holds still: the request stays queued
+    try:
+        assert host.submit([wire("pw-1", keys["globex"], n=4)]) == [None]
+
+        async def scenario():
+            polling = asyncio.ensure_future(host.poll(["pw-1"], None, 20.0, True))
+            await asyncio.sleep(0.2)
+            assert not polling.done()
+            t0 = time.monotonic()
+            host.abort(["pw-1"])
+            out = await asyncio.wait_for(polling, 5)
+            return out, time.monotonic() - t0
+
+        out, waited = asyncio.run_coroutine_threadsafe(scenario(), lh.loop).result(10)
+    finally:
+        gate.set()
+    assert out["pw-1"]["finished"] and out["pw-1"]["error"]["type"] == "KeyError" and waited < 2
+    assert host._end_waiters == {} and host._token_waiters == {}
+
+
+def test_the_host_reads_a_manifest_once_per_cache_period(live, monkeypatch):
+    from zoo_store import ModelNotFoundError
+
+    host = live[0].host
+    calls = []
+    real = host.zoo.get_manifest
+    monkeypatch.setattr(host.zoo, "get_manifest", lambda t, n: calls.append((t, n)) or real(t, n))
+    host._manifests.clear()
+    assert all(host.manifest("acme", "tiny-full").key == "acme/tiny-full" for _ in range(5))
+    assert calls == [("acme", "tiny-full")]
+    monkeypatch.setattr(host, "manifest_ttl", 0.0)  # serving.manifest-cache: 0 reads every time
+    host.manifest("acme", "tiny-full")
+    assert len(calls) == 2
+    for _ in range(2):  # an unknown model is never cached: once ingested it is found at once
+        with pytest.raises(ModelNotFoundError):
+            host.manifest("acme", "no-such-model")
+    assert len(calls) == 4
 
 
 def test_bad_priority_and_malformed_requests_are_typed_errors(live):

@@ -154,6 +154,10 @@ class Scheduler:
         pool = seq.model.lane.pool
         return full, pool.pages_for(len(seq.tokens)) > pool.free_pages
 
+    def held_back(self, seqs: Collection[Sequence]) -> bool:
+        """Whether any of these waiting sequences is held back by a block at its (batch) limit."""
+        return any(self._blocked(seq)[0] for seq in seqs)
+
     def _victims(self, seq: Sequence, full: list[str], short: bool) -> list[Sequence]:
         """Running batch sequences whose preemption frees what `seq` lacks: a slot in its full
         blocks, pages in its pool."""

@@ -1,8 +1,9 @@
 """Admission in front of a block host's engine: bounded queues per tenant and per model, handed
 out fairly across tenants (deficit round-robin), online requests before batch ones.
 
-The engine only ever holds a few waiting requests (`serving.engine-waiting`); everything else
-waits here, so a flood from one tenant cannot fill the engine's queue ahead of a quiet tenant.
+The engine holds only what it could start soon: a few waiting requests (`serving.engine-waiting`),
+or, while its batch has free slots, as many as its next step can prefill; everything else waits
+here, so a flood from one tenant cannot fill the engine's queue ahead of a quiet tenant.
 A host feeds two consumers: its whole-chain engine and, for chains split across workers whose
 first segment is here, the split driver (serving/handoff.py). Each takes from its own lane of
 queues, fairly within it, but the bounds per tenant and per model count both lanes together: a
@@ -195,15 +196,21 @@ class Admission:
             self._tenants[ticket.tenant] += 1
             self._models[ticket.model] += 1
 
-    def take(self, online: int, batch: int = 0, skip: frozenset[str] = frozenset(), lane: str = "engine") -> list[Ticket]:
-        """Up to `online` tickets of `lane`, online ones first in fair order; batch ones only when no
-        online ticket of the lane waits, and at most `batch` of them (the capacity online work
-        leaves free). Tenants in `skip` (at their share of the consumer) get none this time."""
+    def take(
+        self, online: int, batch: int = 0, skip: frozenset[str] = frozenset(), lane: str = "engine", tokens: int = 0, cap: int = 0
+    ) -> list[Ticket]:
+        """Up to `online` tickets of `lane`, online ones first in fair order; past those, up to `cap`
+        online tickets in all while their prompt tokens so far stay under `tokens` (what the
+        consumer's next step could prefill). Batch ones only when no online ticket of the lane
+        waits, and at most `batch` of them (the capacity online work leaves free). Tenants in
+        `skip` (at their share of the consumer) get none this time."""
         out: list[Ticket] = []
         classes = self._lanes[lane]
+        prompt = 0
         with self._lock:
-            while len(out) < online and (t := classes["online"].pop(skip)) is not None:
+            while (len(out) < online or (prompt < tokens and len(out) < cap)) and (t := classes["online"].pop(skip)) is not None:
                 out.append(t)
+                prompt += len(t.request.prompt_token_ids)
             if not len(classes["online"]):  # batch work only fills what online work left free
                 room = min(online, len(out) + max(0, batch - len(out)))
                 while len(out) < room and (t := classes["batch"].pop(skip)) is not None:

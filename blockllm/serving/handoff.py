@@ -444,7 +444,7 @@ class SplitHost:
                 t = host._tracked.get(rid)
                 if t is not None and not t.finished:
                     t.finished, t.error, t.finish_reason = True, error_to_wire(error), "error"
-        host._notify()
+        host._notify(ended=list(rids))
 
     # ------------------------------------------------------------------ placement (Dask tasks)
     def place(self, segments: list[tuple[str, int, int | None, str | None]]) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class _Tracked:
     submitted: float
     requested: str = ""  # the model the client asked for
     prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: tuple[int, ...] = ()  # every token so far (the engine's own tuple while nothing precedes it)
     text: str | None = None
     finished: bool = False
     finish_reason: str | None = None
@@ -83,7 +83,7 @@ class _Tracked:
 
     def view(self, start: int = 0) -> dict[str, Any]:
         return {
-            "token_ids": self.token_ids[start:],
+            "token_ids": list(self.token_ids[start:]),
             "offset": start,
             "text": self.text if self.finished else None,
             "finished": self.finished,
@@ -107,13 +107,16 @@ class BlockHost:
         # Requests wait in admission; the engine sees at most `engine_waiting` of them ahead of its batch.
         self.admission = Admission()
         self.engine_waiting = int(_config.get("serving.engine-waiting", 2))
+        self.manifest_ttl = float(_config.get("serving.manifest-cache", 1.0))
+        self._manifests: dict[tuple[str, str], tuple[Any, float]] = {}  # (tenant, name) -> (manifest, read at)
         self.engine = None  # made on the stepping thread
         self.split = None  # handoff.SplitHost: chains split across workers (set by the plugin)
         self._inbox: queue.Queue = queue.Queue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
-        self._changed: asyncio.Event | None = None
-        self._finished: asyncio.Event | None = None
+        # long polls waiting on the event loop, per request id: for new tokens, for the end
+        self._token_waiters: dict[str, set[asyncio.Future]] = {}
+        self._end_waiters: dict[str, set[asyncio.Future]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="blockllm-host", daemon=True)
@@ -131,8 +134,6 @@ class BlockHost:
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._changed = asyncio.Event()
-        self._finished = asyncio.Event()
         self._thread.start()
 
     def stop(self) -> None:
@@ -153,13 +154,21 @@ class BlockHost:
             fut.set_exception(BlockLLMError(f"this worker's block host stopped: {dead!r}"))
         return fut
 
-    def _notify(self, finished: bool = True) -> None:
-        """Wake long polls: those waiting for tokens always, those waiting for ends when one finished
-        (so a poll for a few requests does not wake on every step of a busy engine)."""
-        if self._loop is not None and self._changed is not None:
-            self._loop.call_soon_threadsafe(self._changed.set)
-            if finished:
-                self._loop.call_soon_threadsafe(self._finished.set)
+    def _notify(self, changed: list[str] | tuple[str, ...] = (), ended: list[str] | tuple[str, ...] = ()) -> None:
+        """Wake the long polls of these requests (from any thread): those waiting for tokens when
+        theirs `changed` or `ended`, those waiting for the end when it `ended`. Only their own
+        polls wake, so a finish costs the event loop one wake-up, not one per request in flight."""
+        if self._loop is not None and (changed or ended):
+            self._loop.call_soon_threadsafe(self._wake, changed if self._token_waiters else (), ended)
+
+    def _wake(self, changed: list[str] | tuple[str, ...], ended: list[str] | tuple[str, ...]) -> None:
+        for waiters, ids in ((self._token_waiters, changed), (self._token_waiters, ended), (self._end_waiters, ended)):
+            if not waiters:
+                continue
+            for rid in ids:
+                for fut in waiters.pop(rid, ()):
+                    if not fut.done():
+                        fut.set_result(None)
 
     def _run(self) -> None:
         try:
@@ -217,16 +226,23 @@ class BlockHost:
                 self._record(outputs)
 
     def _hand_out(self) -> None:
-        """Move requests from admission into the engine: a few at a time, fairly; batch ones only
-        into the room that online work leaves in the engine's batch."""
+        """Move requests from admission into the engine, fairly: always a few ahead of its batch
+        (`serving.engine-waiting`), and while it would start all it holds, as many as its next
+        step's prefill budget takes, up to a batch (a few a step throttled arrivals to a few a
+        step); batch ones only into the room that online work leaves in the engine's batch."""
         sched = self.engine.scheduler
-        waiting_online = sum(s.req.priority >= ENGINE_PRIORITY["online"] for s in sched.waiting)
+        online = [s for s in sched.waiting if s.req.priority >= ENGINE_PRIORITY["online"]]
         # batch sequences the engine holds back (its batch caps) never block an online hand-out
-        room = self.engine_waiting - waiting_online
-        if room <= 0 or not len(self.admission):
+        room = self.engine_waiting - len(online)
+        # past those few, only while the engine would start everything it holds: none of its
+        # waiting online requests is held back by a block at its limit (a full batch stays fair)
+        held = sched.held_back(online)
+        tokens = 0 if held else sched.prefill_chunk - sum(len(s.tokens) - s.computed for s in online)
+        cap = 0 if held else self.engine.max_batch_size - len(online)
+        if (room <= 0 and (tokens <= 0 or cap <= 0)) or not len(self.admission):
             return
         free = min(self.engine_waiting - len(sched.waiting), self.engine.max_batch_size - len(sched.running) - len(sched.waiting))
-        batch_room = 0 if waiting_online else max(0, free)
+        batch_room = 0 if online else max(0, free)
         in_engine: Counter[str] = Counter()
         with self._lock:
             for seq in (*sched.running, *sched.waiting):
@@ -234,7 +250,7 @@ class BlockHost:
                 if t is not None:
                     in_engine[t.tenant] += 1
         skip = self.admission.at_share(in_engine, self.engine.max_batch_size)
-        for t in self.admission.take(room, batch_room, skip):
+        for t in self.admission.take(max(room, 0), batch_room, skip, tokens=tokens, cap=cap):
             try:
                 self.engine.add_request(t.request)
             except Exception as e:  # e.g. its model was unloaded while it waited: fail it, typed
@@ -274,21 +290,22 @@ class BlockHost:
             tr = self._tracked.get(t.request.request_id)
             if tr is not None and not tr.finished:
                 tr.finished, tr.error, tr.finish_reason = True, error_to_wire(error), "error"
-        self._notify()
+        self._notify(ended=[t.request.request_id])
 
     def _record(self, outputs) -> None:
         now = time.monotonic()
-        any_finished = False
+        changed, ended = [], []
         with self._lock:
             for out in outputs:
                 t = self._tracked.get(out.request_id)
                 if t is None:
                     continue
+                changed.append(out.request_id)
                 if out.token_ids and t.first_token is None:
                     t.first_token = now
-                t.token_ids = [*t.prefix, *out.token_ids]
+                t.token_ids = (*t.prefix, *out.token_ids) if t.prefix else out.token_ids  # the engine's tuple, not a copy a step
                 if out.finished:
-                    any_finished = True
+                    ended.append(out.request_id)
                     text = out.text
                     if t.prefix and out.finish_reason != "abort":
                         text = self._resumed_text(t)
@@ -300,8 +317,7 @@ class BlockHost:
                     )
                     for a, b in zip(out.blocks, out.blocks[1:]):
                         self.transitions[(a, b)] += 1
-        if outputs:
-            self._notify(finished=any_finished)
+        self._notify(changed, ended)
 
     def _resumed_text(self, t: _Tracked) -> str | None:
         """The text of a resumed request: all its tokens decoded at once, cut at a stop string."""
@@ -313,12 +329,14 @@ class BlockHost:
         return text[: min(hits)] if hits else text
 
     def _fail_all(self, error: Exception) -> None:
+        failed = []
         with self._lock:
             for rid, t in self._tracked.items():
                 if not t.finished:
                     t.finished, t.error, t.finish_reason = True, error_to_wire(error), "error"
                     self.engine.abort(rid)
-        self._notify()
+                    failed.append(rid)
+        self._notify(ended=failed)
 
     # ------------------------------------------------------------------ operations
     def load(self, models: list[str]) -> dict[str, Any]:
@@ -412,7 +430,7 @@ class BlockHost:
 
     def _prepare(self, wire: WireRequest) -> tuple[Request, str, list[dict]]:
         tenant = self.keys.tenant(wire.api_key)
-        manifest = self.zoo.get_manifest(wire.owner, wire.name)
+        manifest = self.manifest(wire.owner, wire.name)
         check_access(manifest, tenant)
         serve_as, substitutions = self._plan_chain(manifest, tenant)
         ids = wire.prompt_token_ids
@@ -425,6 +443,17 @@ class BlockHost:
         req = Request(wire.request_id, serve_as, tuple(int(i) for i in ids), sampling, ENGINE_PRIORITY[wire.priority])
         return req, tenant, substitutions
 
+    def manifest(self, tenant: str, name: str):
+        """A model's manifest, read from the zoo at most once per `serving.manifest-cache` seconds
+        (a changed visibility or chain is seen that much later; an unknown model is never cached)."""
+        key, now = (tenant, name), time.monotonic()
+        hit = self._manifests.get(key)
+        if hit is not None and now - hit[1] < self.manifest_ttl:
+            return hit[0]
+        manifest = self.zoo.get_manifest(tenant, name)
+        self._manifests[key] = (manifest, now)
+        return manifest
+
     def _plan_chain(self, manifest, tenant: str) -> tuple[str, list[dict]]:
         """The model key to run: its own chain, or (within its owner's error budget) a substituted one."""
         if not manifest.error_budget:
@@ -436,7 +465,7 @@ class BlockHost:
         if time.monotonic() - self._graph_checked > 10:
             self._graph.refresh()
             self._graph_checked = time.monotonic()
-        resident = {fp for key in self.loaded for fp in self.zoo.get_manifest(*key.split("/", 1)).fingerprints()}
+        resident = {fp for key in self.loaded for fp in self.manifest(*key.split("/", 1)).fingerprints()}
         plan = ChainPlanner(self._graph.graph).plan(manifest, tenant, resident=resident)
         if not plan.substituted:
             return manifest.key, []
@@ -450,7 +479,7 @@ class BlockHost:
         try:
             tenant = self.keys.tenant(api_key)
             owner, _, name = model.partition("/")
-            check_access(self.zoo.get_manifest(owner, name), tenant)
+            check_access(self.manifest(owner, name), tenant)
         except (BlockLLMError, ZooError, ValueError, KeyError, PermissionError) as e:
             return error_to_wire(e)
         return None
@@ -463,15 +492,16 @@ class BlockHost:
                 self.split.driver.abort(rid)
             with self._lock:
                 self._tracked.pop(rid, None)
+        self._notify(ended=list(ids))  # a poll waiting on them answers now (unknown request)
 
     async def poll(self, ids: list[str], offsets: list[int] | None = None, timeout: float = 5.0, until_finished: bool = False) -> dict[str, Any]:
-        """Long poll: the new tokens of `ids` (from `offsets`), once any changed or `timeout` passed."""
+        """Long poll: the new tokens of `ids` (from `offsets`), once any changed (or, with
+        `until_finished`, once any finished) or `timeout` passed. Runs on the event loop."""
         offsets = offsets or [0] * len(ids)
         deadline = time.monotonic() + timeout
-        event = self._finished if until_finished else self._changed
+        waiters = self._end_waiters if until_finished else self._token_waiters
+        loop = asyncio.get_running_loop()
         while True:
-            assert event is not None
-            event.clear()
             with self._lock:
                 states = {rid: self._tracked.get(rid) for rid in ids}
                 ready = any(
@@ -485,10 +515,22 @@ class BlockHost:
                         if t is not None and t.finished:
                             self._tracked.pop(rid, None)  # delivered: forget it
                     return out
+            # registered on the loop before it waits, and woken on the loop (_wake): a change after
+            # the check above is never missed, since the stepping thread records it before it notifies
+            fut = loop.create_future()
+            for rid in ids:
+                waiters.setdefault(rid, set()).add(fut)
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), lambda f=fut: f.done() or f.set_result(None))
             try:
-                await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
+                await fut
+            finally:
+                timer.cancel()
+                for rid in ids:
+                    s = waiters.get(rid)
+                    if s is not None:
+                        s.discard(fut)
+                        if not s:
+                            del waiters[rid]
 
 
 def _asdict(obj: Any) -> Any:
