@@ -377,17 +377,27 @@ def drive(system: DirectSystem, trace: list, vocab: int, seed: int, deadline: fl
 
 
 # ------------------------------------------------------------------------------------------- serving stack
-class ServingRun:
-    """BlockLLM through its serving stack: a one-worker LocalCluster (in this process, so the block
-    host's engine reads the same memory:// zoo), block hosts, placement, and blockllm.Client."""
+def _engine_counters(dask_worker: Any) -> dict[str, Any]:
+    """Run on the worker (Client.run): the block host's engine counters the replay reports."""
+    eng = dask_worker.extensions["blockllm"].engine
+    captures, capture_s = eng.graph_stats()
+    return {"captures": captures, "capture_s": capture_s, "steps": eng.steps, "wait_s": eng.wait_s, "weight_bytes": eng.stats().weight_bytes}
 
-    def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt") -> None:
+
+class ServingRun:
+    """BlockLLM through its serving stack: a one-worker LocalCluster, its block host reading the
+    zoo, placement, and blockllm.Client. `processes=True`: the worker is a process of its own, as
+    `dask worker` runs one per GPU, so the load generator and the client here share no GIL with the
+    block host; False: the worker runs in this process (inproc:// comms, one GIL for all)."""
+
+    def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt", processes: bool = True) -> None:
         import distributed
 
         import blockllm
 
-        self.cluster = distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2, dashboard_address=None,
-                                                silence_logs=logging.WARNING)  # in-process: inproc:// comms  # fmt: skip
+        self.processes = processes
+        self.cluster = distributed.LocalCluster(n_workers=1, processes=processes, threads_per_worker=2, dashboard_address=None,
+                                                silence_logs=logging.WARNING)  # fmt: skip
         self.dask = distributed.Client(self.cluster)
         self.tenant = tenant
         self.client = blockllm.Client(self.dask, api_key=api_key, zoo=zoo_url, engine=engine_kwargs, capacity_bytes=1 << 50)
@@ -395,24 +405,27 @@ class ServingRun:
         self.client.place(models)
         self.place_s = time.perf_counter() - t0
         (self.worker,) = self.client.workers
-        self.host = next(iter(self.cluster.workers.values())).extensions["blockllm"]
 
-    @property
-    def engine(self) -> Engine:
-        return self.host.engine
+    def counters(self) -> dict[str, Any]:
+        """The worker's engine counters (graph captures, steps, host wait, weight bytes)."""
+        return self.dask.run(_engine_counters, workers=[self.worker])[self.worker]
 
     def replay(self, trace: list, vocab: int, seed: int, deadline: float, tag: str) -> RunLog:
         from blockllm.client import GenerationRequest
 
         log_ = RunLog()
-        eng = self.engine
-        (g0, c0), s0, w0 = eng.graph_stats(), eng.steps, eng.wait_s
+        c0 = self.counters()
         futures = {}
         t0 = time.perf_counter()
+        n_done, all_done, lock = [0], threading.Event(), threading.Lock()  # counted as they end: no scan of every future
 
         def done(rid: str, fut: Any) -> None:
             t = time.perf_counter() - t0
             r = log_.recs[rid]
+            with lock:  # the client's loop thread, or this one for a future already done when the callback was added
+                n_done[0] += 1
+                if n_done[0] == len(trace):
+                    all_done.set()
             if fut.exception() is not None:
                 return
             c = fut.result()
@@ -433,8 +446,7 @@ class ServingRun:
             (f,) = self.client.submit([req])
             f.add_done_callback(lambda fut, rid=rid: done(rid, fut))
             futures[rid] = f
-        while time.perf_counter() - t0 < deadline and not all(f.done() for f in futures.values()):
-            time.sleep(0.01)
+        all_done.wait(max(0.0, deadline - (time.perf_counter() - t0)))
         log_.end = time.perf_counter() - t0
         left = [rid for rid, f in futures.items() if not f.done()]
         if left:
@@ -451,8 +463,9 @@ class ServingRun:
         for r in log_.recs.values():  # streamed tokens of unfinished requests are not seen: count the floor
             if r.done is None:
                 r.tokens = 0
-        log_.extra.update(graph_captures=eng.graph_stats()[0] - g0, graph_capture_s=eng.graph_stats()[1] - c0,
-                          engine_steps=eng.steps - s0, host_wait_s=eng.wait_s - w0)  # fmt: skip
+        c1 = self.counters()
+        log_.extra.update(graph_captures=c1["captures"] - c0["captures"], graph_capture_s=c1["capture_s"] - c0["capture_s"],
+                          engine_steps=c1["steps"] - c0["steps"], host_wait_s=c1["wait_s"] - c0["wait_s"])  # fmt: skip
         return log_
 
     def close(self) -> None:

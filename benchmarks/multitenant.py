@@ -18,7 +18,6 @@ import logging
 import platform
 import subprocess
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +122,9 @@ def _peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+SYSTEMS = ("blockllm", "blockllm_inproc", "blockllm_direct", "per_model", "lora_only", "transformers")
+
+
 class Bench:
     def __init__(self, preset_name: str, out_dir: Path, profile: str | None = None) -> None:
         self.name, self.p, self.profile = preset_name, PRESETS[preset_name], profile
@@ -199,32 +201,37 @@ class Bench:
             sysres["profile"] = {"rate": max(self.p.rates), "window": [t0, t0 + 1.5], **rl.extra.get("profile", {})}
         self.save()
 
-    def blockllm_serving(self) -> None:
-        """(1) BlockLLM through its serving stack: blocks in a real (memory://) zoo, a block host on a LocalCluster, the Client."""
-        import blockllm
-        from zoo_store import Zoo
+    def serving_zoo(self) -> tuple[str, str, list[str]]:
+        """The set's blocks in a real file:// zoo (written once per run, off the clock): its URL, a key, the model keys."""
+        if not hasattr(self, "_zoo"):
+            import tempfile
 
-        url = f"memory://mt-bench-{uuid.uuid4().hex[:8]}"
-        zoo = Zoo(url)
-        t0 = time.perf_counter()
-        manifests = write_zoo(self.ms, zoo, self.ms.variants)
-        write_s = time.perf_counter() - t0
-        key = blockllm.auth.create_key(zoo, "mt")
-        import dask
+            import blockllm
+            from zoo_store import Zoo
 
+            self._zoo_dir = Path(tempfile.mkdtemp(prefix="mt-bench-zoo-"))
+            url = f"file://{self._zoo_dir}"
+            zoo = Zoo(url)
+            t0 = time.perf_counter()
+            manifests = write_zoo(self.ms, zoo, self.ms.variants)
+            self.result["zoo_write_s"] = time.perf_counter() - t0
+            self._zoo = (url, blockllm.auth.create_key(zoo, "mt"), [m.key for m in manifests])
+        return self._zoo
+
+    def blockllm_serving(self, name: str = "blockllm", processes: bool = True) -> None:
+        """(1) BlockLLM through its serving stack: blocks in a real file:// zoo, a block host on a
+        one-worker LocalCluster (a worker process of its own, or `processes=False` this one), the Client."""
+        url, key, models = self.serving_zoo()
         with dask.config.set({"blockllm.zoo.verify": False}):  # hashed once when written; reads are not re-hashed
-            run = ServingRun(url, key, [m.key for m in manifests], self.engine_kw)
+            run = ServingRun(url, key, models, self.engine_kw, processes=processes)
             try:
-                info = {"how": "blockllm.Client -> BlockHost on a 1-worker LocalCluster (in-process), memory:// zoo",
-                        "zoo_write_s": write_s, "place_s": run.place_s, "weight_bytes_gpu": run.engine.stats().weight_bytes}  # fmt: skip
+                where = "a worker process of its own" if processes else "in this process, one GIL with the load generator"
+                info = {"how": f"blockllm.Client -> BlockHost on a 1-worker LocalCluster ({where}), file:// zoo",
+                        "place_s": run.place_s, "weight_bytes_gpu": run.counters()["weight_bytes"]}  # fmt: skip
                 counter = iter(range(1 << 30))
-                self._sweep("blockllm", lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info)
+                self._sweep(name, lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info)
             finally:
                 run.close()
-        import fsspec
-
-        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
-        del zoo
         _free(self.device)
 
     def blockllm_direct(self, name: str) -> None:
@@ -343,6 +350,8 @@ class Bench:
     def _system_spec(self, spec: str) -> tuple[str, str, dict[str, Any]]:
         """`name` or `name@key=value;...` -> (spec, name, engine.* settings), or SystemExit."""
         name, _, over = spec.partition("@")
+        if name not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
         overrides = engine_overrides(over)
         if overrides and name not in ("blockllm_direct", "per_model"):
             raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
@@ -353,6 +362,7 @@ class Bench:
 
     def run(self, systems: list[str]) -> dict[str, Any]:
         steps = {"blockllm": self.blockllm_serving if self.p.serving else (lambda: self.blockllm_direct("blockllm_direct")),
+                 "blockllm_inproc": (lambda: self.blockllm_serving("blockllm_inproc", processes=False)) if self.p.serving else (lambda: None),
                  "per_model": self.per_model, "lora_only": self.lora_only, "transformers": self.transformers_ref,
                  "blockllm_direct": (lambda: self.blockllm_direct("blockllm_direct")) if self.p.serving and self.p.blockllm_direct else (lambda: None)}  # fmt: skip
         if not self.p.serving:
@@ -378,6 +388,10 @@ class Bench:
                 self.save()
         if hasattr(self, "_host"):
             del self._host
+        if hasattr(self, "_zoo_dir"):
+            import shutil
+
+            shutil.rmtree(self._zoo_dir, ignore_errors=True)
         self.ratios()
         self.result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.result["wall_s"] = time.perf_counter() - self.t_start
@@ -451,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct",
-                    help="comma list, run in this order; blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
+                    help="comma list, run in this order (blockllm: the serving stack in a worker process; blockllm_inproc: "
+                         "in this process); blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
                          "blockllm_direct@KEY=VALUE;KEY=VALUE (or per_model@...) runs it again under those engine.* settings, as its own row")
     ap.add_argument("--profile", nargs="?", const="device", choices=("device", "host"), default=None,
                     help="profile 1.5 s of an extra replay of the highest rate (engine-driven systems): torch.profiler's ops and "
