@@ -158,8 +158,9 @@ class BlockHost:
         """Wake the long polls of these requests (from any thread): those waiting for tokens when
         theirs `changed` or `ended`, those waiting for the end when it `ended`. Only their own
         polls wake, so a finish costs the event loop one wake-up, not one per request in flight."""
+        changed = changed if self._token_waiters else ()  # nobody streams: a step with no end wakes nothing
         if self._loop is not None and (changed or ended):
-            self._loop.call_soon_threadsafe(self._wake, changed if self._token_waiters else (), ended)
+            self._loop.call_soon_threadsafe(self._wake, changed, ended)
 
     def _wake(self, changed: list[str] | tuple[str, ...], ended: list[str] | tuple[str, ...]) -> None:
         for waiters, ids in ((self._token_waiters, changed), (self._token_waiters, ended), (self._end_waiters, ended)):
@@ -502,29 +503,31 @@ class BlockHost:
         waiters = self._end_waiters if until_finished else self._token_waiters
         loop = asyncio.get_running_loop()
         while True:
-            with self._lock:
-                states = {rid: self._tracked.get(rid) for rid in ids}
-                ready = any(
-                    t is None or t.finished or (not until_finished and len(t.token_ids) > off)
-                    for (rid, t), off in zip(states.items(), offsets)
-                )
-                if ready or time.monotonic() >= deadline:
-                    out = {}
-                    for (rid, t), off in zip(states.items(), offsets):
-                        out[rid] = {"error": {"type": "KeyError", "message": f"unknown request {rid}"}, "finished": True} if t is None else t.view(off)
-                        if t is not None and t.finished:
-                            self._tracked.pop(rid, None)  # delivered: forget it
-                    return out
-            # registered on the loop before it waits, and woken on the loop (_wake): a change after
-            # the check above is never missed, since the stepping thread records it before it notifies
+            # registered before the check: the stepping thread records a change, then looks for
+            # waiters (`_notify`), so a change this check misses always finds this waiter
             fut = loop.create_future()
             for rid in ids:
                 waiters.setdefault(rid, set()).add(fut)
-            timer = loop.call_later(max(0.0, deadline - time.monotonic()), lambda f=fut: f.done() or f.set_result(None))
             try:
-                await fut
+                with self._lock:
+                    states = {rid: self._tracked.get(rid) for rid in ids}
+                    ready = any(
+                        t is None or t.finished or (not until_finished and len(t.token_ids) > off)
+                        for (rid, t), off in zip(states.items(), offsets, strict=True)
+                    )
+                    if ready or time.monotonic() >= deadline:
+                        out = {}
+                        for (rid, t), off in zip(states.items(), offsets, strict=True):
+                            out[rid] = {"error": {"type": "KeyError", "message": f"unknown request {rid}"}, "finished": True} if t is None else t.view(off)
+                            if t is not None and t.finished:
+                                self._tracked.pop(rid, None)  # delivered: forget it
+                        return out
+                timer = loop.call_later(max(0.0, deadline - time.monotonic()), lambda f=fut: f.done() or f.set_result(None))
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
             finally:
-                timer.cancel()
                 for rid in ids:
                     s = waiters.get(rid)
                     if s is not None:
