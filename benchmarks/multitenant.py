@@ -366,8 +366,8 @@ class Bench:
                  "per_model": self.per_model, "lora_only": self.lora_only, "transformers": self.transformers_ref,
                  "blockllm_direct": (lambda: self.blockllm_direct("blockllm_direct")) if self.p.serving and self.p.blockllm_direct else (lambda: None)}  # fmt: skip
         if not self.p.serving:
-            self.result["notes"].append("BlockLLM drives the engine directly: the serving stack reads blocks from a zoo, and this set's "
-                                        "distinct blocks (about 100 GB) do not fit a host-memory zoo beside everything else")  # fmt: skip
+            self.result["notes"].append("BlockLLM drives the engine directly: the serving stack reads blocks from a file:// zoo, and this set's "
+                                        "distinct blocks (about 100 GB) do not fit the device machine's 64-GiB disk")  # fmt: skip
         if not self.p.own_host_copies:
             self.result["notes"].append("per-model reloads copy a model's bytes from ONE shared pinned host buffer (host RAM cannot "
                                         "hold 16 full copies): the bytes and time of every reload are real, the weights are not the variant's")  # fmt: skip
