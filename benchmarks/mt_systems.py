@@ -395,7 +395,6 @@ class ServingRun:
 
         import blockllm
 
-        self.processes = processes
         self.cluster = distributed.LocalCluster(n_workers=1, processes=processes, threads_per_worker=2, dashboard_address=None,
                                                 silence_logs=logging.WARNING)  # fmt: skip
         self.dask = distributed.Client(self.cluster)

@@ -2,8 +2,9 @@
 out fairly across tenants (deficit round-robin), online requests before batch ones.
 
 The engine holds only what it could start soon: a few waiting requests (`serving.engine-waiting`),
-or, while its batch has free slots, as many as its next step can prefill; everything else waits
-here, so a flood from one tenant cannot fill the engine's queue ahead of a quiet tenant.
+or, while none it holds is blocked by a block at its limit, as many as its next step can prefill
+(up to a batch); everything else waits here, so a flood from one tenant cannot fill the engine's
+queue ahead of a quiet tenant.
 A host feeds two consumers: its whole-chain engine and, for chains split across workers whose
 first segment is here, the split driver (serving/handoff.py). Each takes from its own lane of
 queues, fairly within it, but the bounds per tenant and per model count both lanes together: a

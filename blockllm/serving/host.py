@@ -104,7 +104,8 @@ class BlockHost:
         self.keys = KeyRing(self.zoo)
         self.engine_kwargs = dict(engine_kwargs or {})
         self.max_queued = int(max_queued or _config.get("serving.max-queued", 4096))
-        # Requests wait in admission; the engine sees at most `engine_waiting` of them ahead of its batch.
+        # Requests wait in admission; the engine holds `engine_waiting` of them ahead of its batch, or
+        # a prefill budget's worth while none it holds is blocked by a full block (_hand_out).
         self.admission = Admission()
         self.engine_waiting = int(_config.get("serving.engine-waiting", 2))
         self.manifest_ttl = float(_config.get("serving.manifest-cache", 1.0))
@@ -231,6 +232,8 @@ class BlockHost:
         (`serving.engine-waiting`), and while it would start all it holds, as many as its next
         step's prefill budget takes, up to a batch (a few a step throttled arrivals to a few a
         step); batch ones only into the room that online work leaves in the engine's batch."""
+        if not len(self.admission):  # the common case of a busy step: nothing to judge
+            return
         sched = self.engine.scheduler
         online = [s for s in sched.waiting if s.req.priority >= ENGINE_PRIORITY["online"]]
         # batch sequences the engine holds back (its batch caps) never block an online hand-out
@@ -240,7 +243,7 @@ class BlockHost:
         held = sched.held_back(online)
         tokens = 0 if held else sched.prefill_chunk - sum(len(s.tokens) - s.computed for s in online)
         cap = 0 if held else self.engine.max_batch_size - len(online)
-        if (room <= 0 and (tokens <= 0 or cap <= 0)) or not len(self.admission):
+        if room <= 0 and (tokens <= 0 or cap <= 0):
             return
         free = min(self.engine_waiting - len(sched.waiting), self.engine.max_batch_size - len(sched.running) - len(sched.waiting))
         batch_room = 0 if online else max(0, free)
