@@ -64,3 +64,16 @@ def test_environment_variables_override_defaults():
 
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["32", "False"]
+
+
+@pytest.mark.parametrize("env, expected", [({}, config.LOST_WORKER_TIMEOUT), ({"DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT": "7s"}, "7s")])
+def test_a_lost_worker_keeps_its_nanny_long_enough_to_restart(env, expected):
+    """A LocalCluster closes a lost worker's nanny for good after distributed.deploy.lost-worker-timeout;
+    BlockLLM's default (120 s, longer than a block host's 10-20 s restart) holds whichever of the two
+    packages is imported first, and a configured value wins."""
+    import os
+
+    for first, then in (("blockllm.client", "distributed"), ("distributed", "blockllm.client")):
+        code = f"import {first}, {then}, dask.config; print(dask.config.get('distributed.deploy.lost-worker-timeout'))"
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [expected], (first, then)

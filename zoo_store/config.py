@@ -21,6 +21,17 @@ with open(DEFAULTS_FILE) as _f:
 
 dask.config.update_defaults(DEFAULTS)
 
+# A LocalCluster (any SpecCluster) closes a worker's nanny for good when no worker of that name has
+# registered again within `distributed.deploy.lost-worker-timeout` of its loss (15 s by default). A
+# block host's worker takes 10-20 s to come back on a busy 2-core machine (torch, transformers, the
+# plugins), so a crashed worker that its nanny was restarting lost its slot in the cluster for good.
+# A default only: a value the user configured wins (update_defaults keeps it). distributed is
+# imported first: importing it later would lay its own default over this one.
+import distributed  # noqa: E402,F401
+
+LOST_WORKER_TIMEOUT = "120s"
+dask.config.update_defaults({"distributed": {"deploy": {"lost-worker-timeout": LOST_WORKER_TIMEOUT}}})
+
 
 def get(key: str, default: Any = None) -> Any:
     """`dask.config.get("blockllm.<key>")`, so DASK_BLOCKLLM__... variables and YAML apply."""
