@@ -373,25 +373,27 @@ class Bench:
                                         "hold 16 full copies): the bytes and time of every reload are real, the weights are not the variant's")  # fmt: skip
         runs = [self._system_spec(spec) for spec in systems]  # every spec checked before anything runs
         seen: dict[str, int] = {}
-        for spec, name, overrides in runs:
-            _free(self.device)
-            seen[spec] = seen.get(spec, 0) + 1
-            with dask.config.set(overrides):
-                if overrides:  # the same system, other engine settings: its own row
-                    (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
-                elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
-                    self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
-                else:
-                    steps[name]()
-            if overrides and spec in self.result["systems"]:
-                self.result["systems"][spec]["engine_settings"] = overrides
-                self.save()
-        if hasattr(self, "_host"):
-            del self._host
-        if hasattr(self, "_zoo_dir"):
-            import shutil
+        try:
+            for spec, name, overrides in runs:
+                _free(self.device)
+                seen[spec] = seen.get(spec, 0) + 1
+                with dask.config.set(overrides):
+                    if overrides:  # the same system, other engine settings: its own row
+                        (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
+                    elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
+                        self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
+                    else:
+                        steps[name]()
+                if overrides and spec in self.result["systems"]:
+                    self.result["systems"][spec]["engine_settings"] = overrides
+                    self.save()
+        finally:  # a system that fails leaves no zoo behind in /tmp (its error still ends the run)
+            if hasattr(self, "_host"):
+                del self._host
+            if hasattr(self, "_zoo_dir"):
+                import shutil
 
-            shutil.rmtree(self._zoo_dir, ignore_errors=True)
+                shutil.rmtree(self._zoo_dir, ignore_errors=True)
         self.ratios()
         self.result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.result["wall_s"] = time.perf_counter() - self.t_start
