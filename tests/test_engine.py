@@ -744,6 +744,27 @@ def test_cuda_graph_path_equals_eager_path(tiny_zoo, tiny_family, tok, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["step", "segments"])
+def test_graphs_are_captured_again_after_an_unload(tiny_zoo, tiny_family, tok, mode):
+    """Unloading a model drops every captured graph, and with the last graph their memory pool;
+    the graphs captured next (in a fresh pool: reusing the dead one's handle trips PyTorch's
+    allocator) still give the eager engine's tokens."""
+    import dask.config
+
+    batch = [req(m.key, i, tok, ignore_eos=True) for m in members(tiny_family) for i in range(len(PROMPTS))]
+    with dask.config.set({"blockllm.engine.decode-graphs": mode}):
+        graphed = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True, dtype=torch.float32)
+    eager = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=False, dtype=torch.float32)
+    assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
+    captured = graphed.stats().graphs_captured
+    for eng in (graphed, eager):
+        eng.unload("acme/tiny-full")
+    rest = [r for r in batch if r.model != "acme/tiny-full"]
+    assert [o.token_ids for o in graphed.generate(rest)] == [o.token_ids for o in eager.generate(rest)]
+    assert graphed.stats().graphs_captured > captured
+
+
+@pytest.mark.gpu
 def test_arrivals_joining_steps_in_flight_on_cuda_equal_the_eager_path(tiny_zoo, tiny_family, tok):
     """engine.overlap-scheduling on real CUDA graphs and streams (float32, so both paths round
     alike): one arrival per step, prompts in chunks of 4, each step launched before the host reads

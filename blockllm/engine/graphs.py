@@ -59,6 +59,9 @@ class GraphCache:
 
     def clear(self) -> None:
         self._graphs.clear()
+        # The private memory pool dies with its last graph; capturing into its handle again trips
+        # PyTorch's allocator ("use_count > 0" assert), so the next capture starts a fresh pool.
+        self._pool = None
 
     def last_used(self) -> Captured | None:
         """The most recently captured or replayed graph (benchmarks time its replays alone)."""
