@@ -9,7 +9,8 @@ one mixed batch (8 per variant) against 8 separate full copies batched per model
     python -m benchmarks.engine_decode --preset h100     # on the GPU
     python -m benchmarks.engine_decode --preset cpu      # tiny shapes, seconds, smoke test
 
-Writes benchmarks/results/engine_decode-<preset>.json and .png.
+Writes benchmarks/results/engine_decode-<preset>[-<tag>].json and .png; `--l2-prefetch off,prefetch:32:8`
+times engine.l2-prefetch settings side by side on the same engine.
 """
 
 from __future__ import annotations
@@ -189,6 +190,17 @@ def engine_decode(
     engine: Any, requests: list, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
     """Prefill `requests`, then time decode steps: wall per step (host + device) and graph replay alone."""
+    try:
+        return _engine_decode(engine, requests, steps, warmup, device)
+    finally:  # a failed run must not leave its requests (and their ids) in the engine
+        for r in requests:
+            engine.abort(r.request_id)
+        engine.step()
+
+
+def _engine_decode(
+    engine: Any, requests: list, steps: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
     for r in requests:
         engine.add_request(r)
     t0 = time.perf_counter()
@@ -224,13 +236,12 @@ def engine_decode(
         out["graph_ms"] = start.elapsed_time(end) / steps
         if PROFILE and engine.decode_graphs == "step":
             out["profile"] = profile_step(engine, entry, device)
-    for r in requests:
-        engine.abort(r.request_id)
-    engine.step()
     return out
 
 
 PROFILE = False
+TAG = ""
+SWEEP: list[tuple[str, float, int]] = []  # --l2-prefetch: (mode, MiB, programs) timed after the default
 COMPILE_T0 = time.perf_counter()  # one compile-time budget for the whole run
 
 
@@ -354,6 +365,7 @@ def bench_shape(
     eng = Engine(source, device=device, dtype=dtype, kv_pages=pages, max_batch_size=max(64, max_b),
                  max_model_len=p.context + total_new + 64, prefill_chunk=max_b * p.context)  # fmt: skip
     eng.load(manifest)
+    default_prefetch, default_mb, default_progs = eng.l2_prefetch, eng.l2_prefetch_bytes / 2**20, eng.l2_prefetch_programs
     weights = eng.stats().weight_bytes
     embed_bytes = s.vocab * s.hidden * torch.empty((), dtype=dtype).element_size()
     res["weight_bytes"] = weights
@@ -377,6 +389,23 @@ def bench_shape(
         except Exception as e:  # record and go on: one failed size must not lose the others
             row["engine_error"] = f"{type(e).__name__}: {e}"
             log.error("engine %s b=%d failed:\n%s", s.name, b, traceback.format_exc())
+        for mode, mb, progs in SWEEP:  # engine.l2-prefetch settings side by side on the same engine
+            name = f"{mode}:{mb:g}:{progs}"
+            try:
+                eng.set_l2_prefetch(mode, mb, progs)
+                r = engine_decode(eng, make_requests(manifest.key, b, p.context, s.vocab, total_new, f"b{b}-{name}"),
+                                  p.steps, p.warmup, device)  # fmt: skip
+                r["ratio"] = r["step_ms"] / row["floor_ms"]
+                if "graph_ms" in r:
+                    r["graph_ratio"] = r["graph_ms"] / row["floor_ms"]
+                row.setdefault("l2_prefetch", {})[name] = r
+                log.info("%s b=%d l2-prefetch %s: step %.3f ms (%.2fx), graph %s", s.name, b, name,
+                         r["step_ms"], r["ratio"], r.get("graph_ms"))  # fmt: skip
+            except Exception as e:
+                row.setdefault("l2_prefetch", {})[name] = {"error": f"{type(e).__name__}: {e}"}
+                log.error("l2-prefetch %s b=%d failed:\n%s", name, b, traceback.format_exc())
+        if SWEEP:
+            eng.set_l2_prefetch(default_prefetch, default_mb, default_progs)
         try:
             row["hf_eager_ms"] = hf_per_step(hf, b, p.context, s.vocab, p.hf_eager_tokens, device)
         except Exception as e:
@@ -593,6 +622,7 @@ def run(preset_name: str, out_dir: Path, parts: set[str]) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "preset": preset_name,
+        "l2_prefetch_sweep": [f"{m}:{mb:g}:{n}" for m, mb, n in SWEEP],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
         "config": {k: (v if not isinstance(v, list) else [asdict(x) if hasattr(x, "__dataclass_fields__") else x for x in v])
@@ -610,7 +640,7 @@ def run(preset_name: str, out_dir: Path, parts: set[str]) -> dict[str, Any]:
     log.info("copy bandwidth %.0f GB/s (read + write)", bw / 1e9)
     result["shapes"] = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"engine_decode-{preset_name}"
+    stem = out_dir / (f"engine_decode-{preset_name}" + (f"-{TAG}" if TAG else ""))
 
     def save() -> None:  # after every part: a run cut short still leaves what it measured
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
@@ -647,6 +677,9 @@ def summary(result: dict[str, Any]) -> str:
             f = lambda k, r=r: f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
             lines.append(f"{sr['shape']['name']:>11} b={b:>3} step {f('step_ms')} graph {f('graph_ms')} floor {f('floor_ms')} "
                          f"ratio {f('ratio')} gratio {f('graph_ratio')} hf {f('hf_eager_ms')} hfc {f('hf_compiled_ms')} eager {f('eager_step_ms')}")  # fmt: skip
+            for name, q in r.get("l2_prefetch", {}).items():
+                lines.append(f"{'':>11}   l2-prefetch {name:>14}: " + (q["error"] if "error" in q else
+                             f"step {q['step_ms']:.3f} graph {q.get('graph_ms', float('nan')):.3f} ratio {q['ratio']:.3f} gratio {q.get('graph_ratio', float('nan')):.3f}"))  # fmt: skip
     v = result.get("variants")
     if v:
         lines.append(f"variants: mixed {v['mixed_step_ms']:.3f} ms, separate {v['separate_step_ms']:.3f} ms, ratio {v['ratio']:.2f} "
@@ -666,6 +699,9 @@ def main(argv: list[str] | None = None) -> None:
         help="skip transformers' static-cache + torch.compile runs",
     )
     ap.add_argument("--profile", action="store_true", help="log kernel times of each captured step")
+    ap.add_argument("--l2-prefetch", default="", help="comma list of engine.l2-prefetch settings MODE[:MiB[:PROGRAMS]] "
+                    "(e.g. off,prefetch:32:8), each timed on the same engine right after the default")
+    ap.add_argument("--tag", default="", help="results file suffix: engine_decode-<preset>-<tag>.json")
     ap.add_argument(
         "--compile-budget",
         type=float,
@@ -673,8 +709,10 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds for transformers compile runs, all shapes",
     )
     args = ap.parse_args(argv)
-    global PROFILE, COMPILE_T0
-    PROFILE, COMPILE_T0 = args.profile, time.perf_counter()
+    global PROFILE, COMPILE_T0, SWEEP, TAG
+    PROFILE, COMPILE_T0, TAG = args.profile, time.perf_counter(), args.tag
+    SWEEP = [(f[0], float(f[1]) if len(f) > 1 else 32.0, int(f[2]) if len(f) > 2 else 0)
+             for f in (x.split(":") for x in args.l2_prefetch.split(",") if x)]  # fmt: skip
     if args.compile_budget is not None:
         PRESETS[args.preset].compile_budget_s = args.compile_budget
     if args.skip_compile:

@@ -8,6 +8,7 @@ from reference import greedy, greedy_refs, reference_model
 
 from blockllm.demo import members
 from blockllm.engine import Engine
+from blockllm.engine.prefetch import L2Prefetcher
 from blockllm.exceptions import (
     InvalidRequestError,
     InvalidSamplingError,
@@ -564,6 +565,59 @@ def test_rmsnorm_folded_into_the_gemms_still_matches_transformers(tiny_zoo, tiny
         assert list(out.token_ids) == refs[(key, int(i))], r.request_id
 
 
+class _RecordingPrefetcher(L2Prefetcher):
+    """The real sequencing of engine.l2-prefetch with the CUDA side stream replaced by a log."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"), "prefetch")
+        self.runs: list[tuple[list, list]] = []  # (the forward's GEMM weights, the weights forked)
+
+    def _capturing(self) -> bool:
+        return True
+
+    def begin(self, weights):
+        super().begin(weights)
+        self.runs.append((list(weights), []))
+
+    def _fork(self, nxt):
+        self.runs[-1][1].append(nxt)
+
+    def _join(self) -> None:
+        self.runs[-1][1].append("joined")
+
+
+@pytest.mark.parametrize("mode", ["segments", "step"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_l2_prefetch_forks_each_gemms_successor_and_changes_no_output(tiny_zoo, tiny_family, tok, refs, mode, fold):
+    """Every forward (graphs emulated, LoRA, prefills, mixed variants, folded norms or not) forks,
+    at each GEMM, exactly the weight the next GEMM reads, and joins the side stream at its end
+    (only when it forked: a capture that joins a stream with no captured work is invalidated)."""
+    eng = Engine(tiny_zoo, device="cpu")
+    eng.fold_norms = fold
+    for m in members(tiny_family):
+        eng.load(m.key)
+    emulate_graphs(eng, mode)
+    assert fold == all(w.folded for b in eng.instances.values() if hasattr(b, "layers") for w in b.layers)
+    rec = _RecordingPrefetcher()
+    for lane in eng.lanes.values():
+        lane.prefetch = rec
+    batch = [req(m.key, i, tok) for m in members(tiny_family) for i in range(len(PROMPTS))]
+    for r, out in zip(batch, eng.generate(batch), strict=True):
+        key, i = r.request_id.split("#")
+        assert list(out.token_ids) == refs[(key, int(i))], r.request_id
+    assert rec.runs and rec.resyncs == 0
+    layers = {len(seq) for seq, _ in rec.runs}
+    assert max(layers) > 4  # forwards of several layers and a head were sequenced
+    for seq, forked in rec.runs:  # a forward of one GEMM (a head alone) forks nothing, joins nothing
+        assert forked == [] if len(seq) == 1 else forked[-1] == "joined"
+        assert all(a is b for a, b in zip(forked[:-1], seq[1:], strict=True))
+
+
+def test_l2_prefetch_mode_is_checked():
+    with pytest.raises(ValueError, match="l2-prefetch"):
+        L2Prefetcher(torch.device("cpu"), "sometimes")
+
+
 def test_outputs_name_the_blocks_and_unload_frees_unshared_blocks(tiny_zoo, tiny_family, tok):
     eng = engine_for(tiny_zoo, tiny_family)
     (out,) = eng.generate([req("globex/tiny-lora-a", 0, tok, max_new_tokens=2)])
@@ -765,6 +819,26 @@ def test_graphs_are_captured_again_after_an_unload(tiny_zoo, tiny_family, tok, m
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["step", "segments"])
+def test_l2_prefetch_on_cuda_changes_no_token(tiny_zoo, tiny_family, tok, mode):
+    """engine.l2-prefetch on real graphs and streams (bf16): every prefetch kind is captured into
+    the graphs and the tokens are those of the same graphs without it."""
+    import dask.config
+
+    batch = [req(m.key, i, tok, ignore_eos=True) for m in members(tiny_family) for i in range(len(PROMPTS))]
+    with dask.config.set({"blockllm.engine.decode-graphs": mode}):
+        plain = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True, dtype=torch.bfloat16)
+        want = [o.token_ids for o in plain.generate(batch)]
+        for kind, programs in (("prefetch", 0), ("evict_last", 16)):
+            with dask.config.set({"blockllm.engine.l2-prefetch": kind, "blockllm.engine.l2-prefetch-mb": 0.01,
+                                  "blockllm.engine.l2-prefetch-programs": programs}):  # fmt: skip
+                eng = engine_for(tiny_zoo, tiny_family, device="cuda", cuda_graphs=True, dtype=torch.bfloat16)
+            assert [o.token_ids for o in eng.generate(batch)] == want, kind
+            assert sum(lane.prefetch.issued for lane in eng.lanes.values()) > 0, kind
+            assert eng.stats().graphs_captured > 0
+
+
+@pytest.mark.gpu
 def test_arrivals_joining_steps_in_flight_on_cuda_equal_the_eager_path(tiny_zoo, tiny_family, tok):
     """engine.overlap-scheduling on real CUDA graphs and streams (float32, so both paths round
     alike): one arrival per step, prompts in chunks of 4, each step launched before the host reads
@@ -782,6 +856,28 @@ def test_arrivals_joining_steps_in_flight_on_cuda_equal_the_eager_path(tiny_zoo,
     assert [outs[r.request_id].token_ids for r in batch] == [o.token_ids for o in eager.generate(batch)]
     assert len(starts) == 1 and relaunches.count(True) >= len(batch), (starts, relaunches)
     assert graphed.stats().kv_pages_used == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gemv_matches_cublas(dtype):
+    """The one-row GEMV (engine.gemv) against cuBLAS in float32, on odd sizes (a partial tile of
+    rows and of K), alone and adding into a residual; rows of more than one take cuBLAS."""
+    from blockllm.engine import ops, triton_ops
+
+    torch.manual_seed(0)
+    for n, k in ((301, 200), (2048, 5632), (7, 1500)):
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.05
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        want = x.float() @ w.float().t()
+        got = triton_ops.gemv(x, w).float()
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3, (n, k)
+        r = torch.randn(1, n, device="cuda", dtype=dtype)
+        into = r.clone()
+        ops.add_residual_(into, x, w, None, gemv=True)
+        assert (into.float() - (r.float() + want)).abs().max() <= 1e-2 * (r.float() + want).abs().max() + 1e-3
+        two = torch.randn(2, k, device="cuda", dtype=dtype)
+        assert torch.equal(ops.linear(two, w, gemv=True), torch.nn.functional.linear(two, w))
 
 
 @pytest.mark.gpu

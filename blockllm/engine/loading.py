@@ -16,9 +16,11 @@ from zoo_store import Manifest
 
 from .. import config as _config
 from ..exceptions import UnsupportedArchitectureError
+from . import ops
 from .forward import Lane
 from .kv_cache import KVPool, auto_pages
 from .plan import ModelClass
+from .prefetch import L2Prefetcher
 from .rope import cos_sin_table
 from .weights import (
     Arch,
@@ -224,9 +226,18 @@ class ModelLoading:
         if lane is None:
             table = cos_sin_table(arch.raw, arch.head_dim, max(self.max_model_len, 1), self.device)
             lane = self.lanes[key] = Lane(
-                key, pool, table, arch.hidden, vocab, self.dtype, self.device, self.tune_kernels
-            )
+                key, pool, table, arch.hidden, vocab, self.dtype, self.device, self.tune_kernels,
+                self._prefetcher(), self.gemv,
+            )  # fmt: skip
         return lane
+
+    def _prefetcher(self) -> L2Prefetcher | None:
+        """A lane's L2 prefetcher (engine.l2-prefetch), on cuda with the Triton kernels only."""
+        if self.l2_prefetch == "off" or self.device.type != "cuda" or ops._triton_ops() is None:
+            return None
+        return L2Prefetcher(
+            self.device, self.l2_prefetch, self.l2_prefetch_bytes, self.dtype, self.l2_prefetch_programs
+        )
 
     def unload(self, model: str | Manifest) -> None:
         """Forget a model (its requests are aborted); blocks no other loaded model uses are freed."""

@@ -97,23 +97,50 @@ def _use_triton_gemm(
     return choice
 
 
+def _gemv_fits(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """One row of bf16/fp16 against a weight of the same dtype, both unit-stride along K."""
+    return (
+        a.shape[0] == 1
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and w.dtype == a.dtype
+        and a.stride(1) == 1
+        and w.stride(1) == 1
+    )
+
+
 def linear(
-    a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tune: bool = False
+    a: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    tune: bool = False,
+    gemv: bool = False,
 ) -> torch.Tensor:
-    """a @ w.T (+ b): cuBLAS; with `tune` (engine.tune-kernels), the Triton kernel where it timed faster."""
-    k = fused(a) if tune else None
-    if k is not None and b is None and _use_triton_gemm(k, a, w, None):
-        return k.gemm(a, w)
+    """a @ w.T (+ b): cuBLAS; with `gemv` (engine.gemv) one row takes the Triton GEMV (faster than
+    cuBLAS on every decode shape measured, benchmarks/NOTES-engine.md); with `tune`
+    (engine.tune-kernels), the Triton skinny GEMM where it timed faster."""
+    k = fused(a) if (tune or gemv) else None
+    if k is not None and b is None:
+        if gemv and _gemv_fits(a, w):
+            return k.gemv(a, w)
+        if tune and _use_triton_gemm(k, a, w, None):
+            return k.gemm(a, w)
     return F.linear(a, w, b)
 
 
 def add_residual_(
-    x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tune: bool = False
+    x: torch.Tensor,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    tune: bool = False,
+    gemv: bool = False,
 ) -> None:
     """x += a @ w.T (+ b), in place: on CUDA one GEMM with the residual as its C operand."""
     if x.is_cuda:
-        k = fused(x) if tune else None
-        if k is not None and x.stride(1) == 1 and _use_triton_gemm(k, a, w, x):
+        k = fused(x) if (tune or gemv) else None
+        if k is not None and gemv and x.stride(1) == 1 and _gemv_fits(a, w):
+            k.gemv(a, w, x)
+        elif k is not None and tune and x.stride(1) == 1 and _use_triton_gemm(k, a, w, x):
             k.gemm(a, w, x)
         else:
             x.addmm_(a, w.t())

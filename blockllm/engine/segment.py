@@ -114,7 +114,7 @@ def _logits(plan: Plan, lane: Lane, h: torch.Tensor) -> torch.Tensor:
     logits = torch.empty(plan.n_sample, lane.vocab, dtype=lane.dtype, device=lane.device)
     for st in plan.heads:
         head = st.block
-        part = ops.linear(ops.rms_norm(_take(hs, st.rows), head.norm, head.arch.eps), head.weight, tune=lane.tune)
+        part = ops.linear(ops.rms_norm(_take(hs, st.rows), head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
         if isinstance(st.rows, slice):
             logits[st.rows] = part
         else:
@@ -273,7 +273,8 @@ class SegmentEngine:
         lane = self.lanes.get(key)
         if lane is None:
             table = cos_sin_table(arch.raw, arch.head_dim, max(self.max_model_len, 1), self.device)
-            lane = self.lanes[key] = Lane(key, pool, table, arch.hidden, vocab, self.dtype, self.device)
+            gemv = bool(_config.get("engine.gemv", True)) and self.device.type == "cuda" and ops._triton_ops() is not None
+            lane = self.lanes[key] = Lane(key, pool, table, arch.hidden, vocab, self.dtype, self.device, gemv=gemv)
         return lane
 
     def unload(self, model: str) -> None:

@@ -25,6 +25,7 @@ from . import ops
 from .forward import Lane, run_layers
 from .graphs import GraphCache
 from .plan import BUCKETS, Item, ModelClass, Stage, bucket
+from .prefetch import gemm_weights
 from .weights import EmbedBlock, HeadBlock, LayerBlock, LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -428,8 +429,18 @@ class StepGraphs:
             for block in seg.layers
         ]
         idx = bufs.arena[off : off + b]
+        weights = gemm_weights([*seg.layers, *([seg.head] if seg.head is not None else [])])
 
         def fn() -> tuple[torch.Tensor, ...]:
+            if lane.prefetch is None:
+                return body()
+            lane.prefetch.begin(weights)
+            try:
+                return body()
+            finally:
+                lane.prefetch.end()
+
+        def body() -> tuple[torch.Tensor, ...]:
             take = bufs.inputs.index_select(1, idx)  # (4, b)
             if seg.embed is not None:
                 x = F.embedding(take[0], seg.embed.weight)
@@ -442,7 +453,9 @@ class StepGraphs:
                 bufs.hidden.index_copy_(0, idx, x)
                 return ()
             head = seg.head
-            logits = ops.linear(ops.rms_norm(x, head.norm, head.arch.eps), head.weight, tune=lane.tune)
+            if lane.prefetch is not None:
+                lane.prefetch.step(head.weight)
+            logits = ops.linear(ops.rms_norm(x, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
             bufs.logits.index_copy_(0, idx, logits)
             bufs.tokens.index_copy_(0, idx, logits.argmax(-1))
             return ()
