@@ -577,7 +577,7 @@ class _RecordingPrefetcher(L2Prefetcher):
 
     def begin(self, weights):
         super().begin(weights)
-        self.runs.append((list(weights), []))
+        self.runs.append((list(self._seq), []))
 
     def _fork(self, nxt):
         self.runs[-1][1].append(nxt)

@@ -28,7 +28,7 @@ from .kv_cache import KVPool
 from .loading import LoadedModel, ModelLoading
 from .pipeline import PipelinedDecode, _Inflight
 from .plan import ModelClass, Plan, build_plan, fill_inputs
-from .prefetch import MODES as PREFETCH_MODES
+from .prefetch import check_mode
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
 from .scheduler import by_lane as _by_lane
@@ -120,16 +120,13 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         self.tune_kernels = bool(tune) and self.device.type == "cuda"
         # Folding RMSNorm weights into the next GEMM saves two kernels a layer but rounds
         # differently from transformers in bf16; `engine.fold-norms` turns it on.
-        self.fold_norms = bool(_config.get("engine.fold-norms", True)) and self.device.type == "cuda" and ops._triton_ops() is not None
+        self.fold_norms = bool(_config.get("engine.fold-norms", True)) and ops.fused_on(self.device)
         # one-row GEMMs (decode at batch 1) on the Triton GEMV: cuBLAS reads 2048-wide weights slowly
-        self.gemv = bool(_config.get("engine.gemv", True)) and self.device.type == "cuda" and ops._triton_ops() is not None
+        self.gemv = bool(_config.get("engine.gemv", True)) and ops.fused_on(self.device)
         # engine.l2-prefetch: in captured steps each GEMM forks its successor's weight into L2
-        mode = _config.get("engine.l2-prefetch", "off")
-        self.l2_prefetch = "off" if mode is False else str(mode)  # YAML reads a bare off as false
+        self.l2_prefetch = check_mode(_config.get("engine.l2-prefetch", "off"))
         self.l2_prefetch_bytes = int(float(_config.get("engine.l2-prefetch-mb", 32)) * 2**20)
         self.l2_prefetch_programs = int(_config.get("engine.l2-prefetch-programs", 0))
-        if self.l2_prefetch not in PREFETCH_MODES:
-            raise ValueError(f"engine.l2-prefetch must be one of {PREFETCH_MODES}, not {self.l2_prefetch!r}")
         self.instances: dict[str, EmbedBlock | LayerBlock | HeadBlock] = {}
         self.adapters: dict[str, LoraAdapter] = {}
         self._refs: Counter[str] = Counter()
@@ -444,9 +441,7 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
     def set_l2_prefetch(self, mode: str, mb: float | None = None, programs: int | None = None) -> None:
         """Switch `engine.l2-prefetch` on a running engine (benchmarks compare modes side by side):
         every captured graph is dropped and recaptured with the new mode when next met."""
-        if mode not in PREFETCH_MODES:
-            raise ValueError(f"engine.l2-prefetch must be one of {PREFETCH_MODES}, not {mode!r}")
-        self.l2_prefetch = mode
+        self.l2_prefetch = check_mode(mode)
         if mb is not None:
             self.l2_prefetch_bytes = int(mb * 2**20)
         if programs is not None:

@@ -6,7 +6,7 @@ host-device synchronisation happens here, so the same function is captured as a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,8 @@ class Lane:
     dtype: torch.dtype
     device: torch.device
     tune: bool = False  # engine.tune-kernels: time Triton against cuBLAS per shape at warm-up
-    prefetch: L2Prefetcher | None = None  # engine.l2-prefetch: next GEMM's weight into L2 (graphs)
+    prefetch: L2Prefetcher = field(default_factory=L2Prefetcher)  # engine.l2-prefetch (inert when off)
     gemv: bool = False  # engine.gemv: one-row GEMMs take the Triton GEMV (cuda)
-
-
-def _ahead(lane: Lane, w: torch.Tensor) -> None:
-    """Right before the GEMM that reads `w`: the next GEMM's weight starts on its way to L2."""
-    if lane.prefetch is not None:
-        lane.prefetch.step(w)
 
 
 def _take(t: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -163,7 +157,7 @@ def run_layers(block: LayerBlock, x: torch.Tensor, st: Stage, lane: Lane, max_ct
             _folded_layer(w, i, layer, x, st, lane, max_ctx)
             continue
         h = ops.rms_norm(x, w.ln1, eps)  # (n, C)
-        _ahead(lane, w.w_qkv)
+        lane.prefetch.step(w.w_qkv)
         qkv = ops.linear(h, w.w_qkv, w.b_qkv, gemv=lane.gemv)  # (n, (H + 2 Hkv) D)
         _lora_(st, i, "qkv", h, qkv)
         if w.q_norm is not None:
@@ -181,14 +175,14 @@ def run_layers(block: LayerBlock, x: torch.Tensor, st: Stage, lane: Lane, max_ct
             Hkv,
         )  # (n, H, D); k and v are in the pool now
         attn = _attend(q, st, lane, layer, scale, max_ctx)  # (n, H D)
-        _ahead(lane, w.w_o)
+        lane.prefetch.step(w.w_o)
         _project_residual_(st, i, "o", x, attn, w.w_o, w.b_o, lane)
         h = ops.rms_norm(x, w.ln2, eps)
-        _ahead(lane, w.w_gate_up)
+        lane.prefetch.step(w.w_gate_up)
         gu = ops.linear(h, w.w_gate_up, w.b_gate_up, gemv=lane.gemv)  # (n, 2 I)
         _lora_(st, i, "gate_up", h, gu)
         act = ops.silu_mul(gu)  # (n, I)
-        _ahead(lane, w.w_down)
+        lane.prefetch.step(w.w_down)
         _project_residual_(st, i, "down", x, act, w.w_down, w.b_down, lane)
 
 
@@ -199,7 +193,7 @@ def _folded_layer(
     arch = st.block.arch
     H, Hkv, D, eps = arch.n_heads, arch.n_kv, arch.head_dim, arch.eps
     pool = lane.pool
-    _ahead(lane, w.w_qkv)
+    lane.prefetch.step(w.w_qkv)
     qkv = ops.linear(
         x, w.w_qkv, tune=lane.tune, gemv=lane.gemv
     )  # (n, (H + 2 Hkv) D), rows not yet scaled by 1/rms(x)
@@ -219,13 +213,13 @@ def _folded_layer(
         eps,
     )
     attn = _attend(q, st, lane, layer, D**-0.5, max_ctx)  # (n, H D)
-    _ahead(lane, w.w_o)
+    lane.prefetch.step(w.w_o)
     _project_residual_(st, i, "o", x, attn, w.w_o, w.b_o, lane)
-    _ahead(lane, w.w_gate_up)
+    lane.prefetch.step(w.w_gate_up)
     gu = ops.linear(x, w.w_gate_up, tune=lane.tune, gemv=lane.gemv)  # (n, 2 I), likewise unscaled
     _lora_(st, i, "gate_up", x, gu)
     act = ops.silu_mul(gu, x, eps)  # (n, I)
-    _ahead(lane, w.w_down)
+    lane.prefetch.step(w.w_down)
     _project_residual_(st, i, "down", x, act, w.w_down, w.b_down, lane)
 
 
@@ -258,13 +252,8 @@ def run_segment(plan: Plan, lane: Lane, hidden: torch.Tensor | None = None) -> t
 
 def run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a lane's batch -> (logits (S, V), greedy tokens (S,)) for the sampled rows."""
-    if lane.prefetch is not None:
-        lane.prefetch.begin(gemm_weights([*(st.block for st in plan.stages), *(st.block for st in plan.heads)]))
-    try:
+    with lane.prefetch.sequence(lambda: gemm_weights([*(st.block for st in plan.stages), *(st.block for st in plan.heads)])):
         return _run_plan(plan, lane)
-    finally:
-        if lane.prefetch is not None:
-            lane.prefetch.end()
 
 
 def _run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +261,7 @@ def _run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
     hs = h if plan.sample_rows is None else h.index_select(0, plan.sample_rows)  # (S, C)
     if len(plan.heads) == 1 and _is_all(plan.heads[0].rows, plan.n_sample):
         head = plan.heads[0].block
-        _ahead(lane, head.weight)
+        lane.prefetch.step(head.weight)
         logits = ops.linear(
             ops.rms_norm(hs, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv
         )  # (S, V)
@@ -280,7 +269,7 @@ def _run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.empty(plan.n_sample, lane.vocab, dtype=lane.dtype, device=lane.device)
         for st in plan.heads:
             head = st.block
-            _ahead(lane, head.weight)
+            lane.prefetch.step(head.weight)
             part = ops.linear(
                 ops.rms_norm(_take(hs, st.rows), head.norm, head.arch.eps),
                 head.weight,

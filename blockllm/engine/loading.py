@@ -231,10 +231,10 @@ class ModelLoading:
             )  # fmt: skip
         return lane
 
-    def _prefetcher(self) -> L2Prefetcher | None:
-        """A lane's L2 prefetcher (engine.l2-prefetch), on cuda with the Triton kernels only."""
-        if self.l2_prefetch == "off" or self.device.type != "cuda" or ops._triton_ops() is None:
-            return None
+    def _prefetcher(self) -> L2Prefetcher:
+        """A lane's L2 prefetcher (engine.l2-prefetch): inert when off, or without the Triton kernels."""
+        if self.l2_prefetch == "off" or not ops.fused_on(self.device):
+            return L2Prefetcher()
         return L2Prefetcher(
             self.device, self.l2_prefetch, self.l2_prefetch_bytes, self.dtype, self.l2_prefetch_programs
         )

@@ -31,6 +31,11 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def fused_on(device: torch.device) -> bool:
+    """Whether the Triton kernels serve `device`: a CUDA device, with Triton importable."""
+    return device.type == "cuda" and _triton_ops() is not None
+
+
 def fused(x: torch.Tensor) -> object | None:
     """The Triton kernels module when `x` lives on a CUDA device (and Triton works), else None."""
     return _triton_ops() if x.is_cuda else None

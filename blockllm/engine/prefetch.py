@@ -8,13 +8,22 @@ and the next GEMM finds its weight in L2. It changes no value: outputs are the s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from .weights import HeadBlock, LayerBlock
 
 MODES = ("off", "prefetch", "evict_last")
+
+
+def check_mode(mode: object) -> str:
+    """engine.l2-prefetch as given -> one of MODES (YAML reads a bare `off` as false), else ValueError."""
+    mode = "off" if mode is False else mode
+    if mode not in MODES:
+        raise ValueError(f"engine.l2-prefetch must be one of {MODES}, not {mode!r}")
+    return mode
 
 
 def gemm_weights(blocks: Iterable[object]) -> list[torch.Tensor]:
@@ -30,31 +39,29 @@ def gemm_weights(blocks: Iterable[object]) -> list[torch.Tensor]:
 
 
 class L2Prefetcher:
-    """One lane's side stream; `begin` a captured forward with its GEMM weights, `step` before each
-    GEMM, `end` to join the side stream back (a capture must end on its own stream).
+    """One lane's side stream. A forward runs inside `sequence(its GEMM weights)` and calls `step`
+    before each GEMM; the side stream is joined back at the end (a capture must end on its own stream).
 
-    Outside a capture (eager steps, warm-ups) it does nothing: eager steps are host-bound, and the
-    side stream's event traffic would only add host time there.
+    Off (the default), on a CPU lane, or outside a capture (eager steps, warm-ups) it does nothing:
+    eager steps are host-bound, and the side stream's event traffic would only add host time there.
     """
 
     def __init__(
         self,
-        device: torch.device,
-        mode: str = "prefetch",
+        device: torch.device = torch.device("cpu"),
+        mode: str = "off",
         cap_bytes: int = 32 << 20,
         dtype: torch.dtype = torch.bfloat16,
         programs: int = 0,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"engine.l2-prefetch must be one of {MODES}, not {mode!r}")
-        self.mode, self.cap_bytes, self.programs = mode, int(cap_bytes), int(programs)
+        self.mode, self.cap_bytes, self.programs = check_mode(mode), int(cap_bytes), int(programs)
         self._stream: torch.cuda.Stream | None = None
-        if device.type == "cuda":  # made here: not inside a capture
-            self._stream = torch.cuda.Stream(device)
-            if mode != "off":  # compile and load the kernel now: a first launch inside a capture would
-                from . import triton_ops  # load a module there
+        if device.type == "cuda" and self.mode != "off":  # made here: not inside a capture
+            from . import triton_ops
 
-                triton_ops.l2_prefetch(torch.zeros(4096, dtype=dtype, device=device), 8192, mode, programs)
+            self._stream = torch.cuda.Stream(device)
+            # compile and load the kernel now: a first launch inside a capture would load a module there
+            triton_ops.l2_prefetch(torch.zeros(4096, dtype=dtype, device=device), 8192, self.mode, self.programs)
         self._seq: list[torch.Tensor] = []
         self._k = 0
         self.active = self._forked = False
@@ -64,9 +71,21 @@ class L2Prefetcher:
     def _capturing(self) -> bool:
         return self._stream is not None and torch.cuda.is_current_stream_capturing()
 
-    def begin(self, weights: list[torch.Tensor]) -> None:
-        self.active = self.mode != "off" and bool(weights) and self._capturing()
-        self._seq, self._k, self._forked = weights, 0, False
+    @contextmanager
+    def sequence(self, weights: Callable[[], list[torch.Tensor]]) -> Iterator[None]:
+        """A forward whose GEMMs read `weights()` in order (called only when the prefetch is on)."""
+        self.begin(weights)
+        try:
+            yield
+        finally:
+            self.end()
+
+    def begin(self, weights: Callable[[], list[torch.Tensor]]) -> None:
+        self._seq, self._k, self._forked = [], 0, False
+        self.active = self.mode != "off" and self._capturing()
+        if self.active:
+            self._seq = weights()
+            self.active = bool(self._seq)
 
     def step(self, w: torch.Tensor) -> None:
         """Called right before the GEMM that reads `w`: fork the prefetch of the weight after it."""

@@ -156,7 +156,7 @@ class SegmentEngine:
         self.graphs: GraphCache | None = None
         if emulate_graphs:
             self.graphs = GraphCache(emulate=True)
-        elif graphs and self.device.type == "cuda" and ops._triton_ops() is not None:
+        elif graphs and ops.fused_on(self.device):
             self.graphs = GraphCache()
         self._plans: dict[tuple, tuple[Plan, np.ndarray, torch.Tensor | None]] = {}
         self.lock = threading.RLock()
@@ -273,7 +273,7 @@ class SegmentEngine:
         lane = self.lanes.get(key)
         if lane is None:
             table = cos_sin_table(arch.raw, arch.head_dim, max(self.max_model_len, 1), self.device)
-            gemv = bool(_config.get("engine.gemv", True)) and self.device.type == "cuda" and ops._triton_ops() is not None
+            gemv = bool(_config.get("engine.gemv", True)) and ops.fused_on(self.device)
             lane = self.lanes[key] = Lane(key, pool, table, arch.hidden, vocab, self.dtype, self.device, gemv=gemv)
         return lane
 

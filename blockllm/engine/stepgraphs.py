@@ -432,32 +432,23 @@ class StepGraphs:
         weights = gemm_weights([*seg.layers, *([seg.head] if seg.head is not None else [])])
 
         def fn() -> tuple[torch.Tensor, ...]:
-            if lane.prefetch is None:
-                return body()
-            lane.prefetch.begin(weights)
-            try:
-                return body()
-            finally:
-                lane.prefetch.end()
-
-        def body() -> tuple[torch.Tensor, ...]:
-            take = bufs.inputs.index_select(1, idx)  # (4, b)
-            if seg.embed is not None:
-                x = F.embedding(take[0], seg.embed.weight)
-            else:
-                x = bufs.hidden.index_select(0, idx)
-            for st in stages:
-                st.positions, st.slot_ids, st.lora_slots = take[1], take[2], take[3]
-                run_layers(st.block, x, st, lane, bufs.max_ctx)
-            if seg.head is None:
-                bufs.hidden.index_copy_(0, idx, x)
-                return ()
-            head = seg.head
-            if lane.prefetch is not None:
+            with lane.prefetch.sequence(lambda: weights):
+                take = bufs.inputs.index_select(1, idx)  # (4, b)
+                if seg.embed is not None:
+                    x = F.embedding(take[0], seg.embed.weight)
+                else:
+                    x = bufs.hidden.index_select(0, idx)
+                for st in stages:
+                    st.positions, st.slot_ids, st.lora_slots = take[1], take[2], take[3]
+                    run_layers(st.block, x, st, lane, bufs.max_ctx)
+                if seg.head is None:
+                    bufs.hidden.index_copy_(0, idx, x)
+                    return ()
+                head = seg.head
                 lane.prefetch.step(head.weight)
-            logits = ops.linear(ops.rms_norm(x, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
-            bufs.logits.index_copy_(0, idx, logits)
-            bufs.tokens.index_copy_(0, idx, logits.argmax(-1))
-            return ()
+                logits = ops.linear(ops.rms_norm(x, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
+                bufs.logits.index_copy_(0, idx, logits)
+                bufs.tokens.index_copy_(0, idx, logits.argmax(-1))
+                return ()
 
         return fn

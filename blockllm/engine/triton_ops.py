@@ -451,8 +451,6 @@ def gemv(
     return y
 
 
-
-
 # ---------------------------------------------------------------------------------------- L2 prefetch
 @triton.jit(do_not_specialize=["n_bytes", "n_chunks"])  # one compile for every size: none inside a capture
 def _l2_prefetch_kernel(P, n_bytes, n_chunks, CHUNK: tl.constexpr, LINE: tl.constexpr, EVICT_LAST: tl.constexpr):
