@@ -724,14 +724,34 @@ def test_priority_admits_first_and_requests_wait_for_a_block_limit(tiny_zoo, tin
 
 @pytest.mark.slow
 def test_benchmark_cpu_preset_runs(tmp_path):
-    from benchmarks.engine_decode import run
+    """The CPU preset end to end, with a sweep of GEMV and L2-prefetch settings timed beside the
+    default on each engine (on the CPU they fall back to the torch ops, but the switching runs)."""
+    import json
 
-    result = run("cpu", tmp_path, {"shapes", "variants"})
-    assert (tmp_path / "engine_decode-cpu.json").exists()
+    from benchmarks.engine_decode import main
+
+    main(["--preset", "cpu", "--out", str(tmp_path), "--gemv", "0,16:fuse", "--l2-prefetch", "off"])
+    result = json.loads((tmp_path / "engine_decode-cpu.json").read_text())
+    assert result["sweep"] == {"l2_prefetch": ["off:32:0"], "gemv": ["0", "16:fuse"]}
     for shape in result["shapes"]:
         for row in shape["batches"].values():
             assert row["step_ms"] > 0 and row["floor_ms"] > 0 and "engine_error" not in row
+            assert set(row["gemv"]) == {"0", "16:fuse"} and set(row["l2_prefetch"]) == {"off:32:0"}
+            assert all(r["step_ms"] > 0 for r in (*row["gemv"].values(), *row["l2_prefetch"].values()))
     assert result["variants"]["ratio"] > 0
+
+
+def test_gemv_settings_are_checked(tiny_zoo):
+    """engine.gemv-rows outside 1-16 is a ValueError, from the config and from set_gemv alike."""
+    import dask.config
+
+    with dask.config.set({"blockllm.engine.gemv-rows": 17}), pytest.raises(ValueError, match="gemv-rows"):
+        Engine(tiny_zoo, device="cpu")
+    eng = Engine(tiny_zoo, device="cpu")
+    with pytest.raises(ValueError, match="gemv-rows"):
+        eng.set_gemv(32, True)
+    eng.set_gemv(16, True)  # no Triton on the CPU (outside the interpreter): the torch ops serve
+    assert (eng.gemv, eng.gemv_fuse) == (0, False)
 
 
 # ----------------------------------------------------------------------------------------- CUDA
@@ -746,14 +766,23 @@ def _gpu_prompts(tok) -> list[tuple[int, ...]]:
     return [tuple(tok(p)["input_ids"]) for p in prompts]
 
 
+FUSED_GEMV = {"blockllm.engine.gemv-rows": 16, "blockllm.engine.gemv-fuse": True}
+
+
 @pytest.mark.gpu
-def test_bf16_on_cuda_agrees_with_transformers_bf16(tiny_zoo, tiny_family, tok):
-    """32 prompts spread over every variant (adapters too), one mixed batch; >= 99% of tokens agree.
+@pytest.mark.parametrize("cfg", [{}, FUSED_GEMV], ids=["defaults", "fused-gemv"])
+def test_bf16_on_cuda_agrees_with_transformers_bf16(tiny_zoo, tiny_family, tok, cfg):
+    """32 prompts spread over every variant (adapters too), one mixed batch; >= 99% of tokens agree,
+    with the defaults and with GEMVs of up to 16 rows fused with their neighbours (triton_gemv).
 
     Agreement is teacher-forced: transformers' bf16 argmax at each position of the engine's own
     continuation, so one early near-tie does not count as a whole diverged sequence.
     """
-    eng = engine_for(tiny_zoo, tiny_family, device="cuda", dtype=torch.bfloat16)
+    import dask.config
+
+    with dask.config.set(cfg):
+        eng = engine_for(tiny_zoo, tiny_family, device="cuda", dtype=torch.bfloat16)
+    assert eng.gemv_fuse == bool(cfg)
     ms = members(tiny_family)
     reqs = [
         Request(str(i), ms[i % len(ms)].key, p, SamplingParams(max_new_tokens=16, ignore_eos=True))
@@ -878,6 +907,18 @@ def test_triton_gemv_matches_cublas(dtype):
         assert (into.float() - (r.float() + want)).abs().max() <= 1e-2 * (r.float() + want).abs().max() + 1e-3
         two = torch.randn(2, k, device="cuda", dtype=dtype)
         assert torch.equal(ops.linear(two, w, gemv=True), torch.nn.functional.linear(two, w))
+
+
+@pytest.mark.gpu
+def test_row_bucket_gemv_kernels_on_cuda_match_the_torch_ops():
+    """triton_gemv's kernels (plain, + residual, + RMSNorm, qkv + rope + KV write, gate_up + SwiGLU)
+    for 1-16 rows in bf16 and fp16 on the GPU tiles, on odd sizes and on a 1.1B shape."""
+    from triton_checks import kernel_errors
+
+    for K, N in ((200, 77), (2048, 5632)):
+        errs = kernel_errors("cuda", (torch.bfloat16, torch.float16), K, N)
+        bad = {case: e for case, e in errs.items() if e > (2e-2 if "bfloat16" in case else 3e-3)}
+        assert not bad, (K, N, bad)
 
 
 @pytest.mark.gpu

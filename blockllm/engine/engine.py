@@ -63,6 +63,21 @@ class EngineStats:
     blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
+def gemv_config(device: torch.device, rows: int | None = None, fuse: bool | None = None) -> tuple[int, bool]:
+    """(rows, fuse): GEMMs of up to `rows` rows take the Triton GEMV (0: none), and with `fuse` those
+    GEMVs also run the RMSNorm before and rope + KV write / SwiGLU after them. Unset arguments come
+    from engine.gemv, engine.gemv-rows and engine.gemv-fuse. One row is measured faster than cuBLAS
+    on the H200; more rows and the fusion are off by default until measured (benchmarks/NOTES-engine.md)."""
+    on = bool(_config.get("engine.gemv", True)) if rows is None else rows > 0
+    rows = int(_config.get("engine.gemv-rows", 1)) if rows is None else int(rows)
+    if on and not 1 <= rows <= 16:
+        raise ValueError(f"engine.gemv-rows must be 1 to 16, not {rows}")
+    fuse = bool(_config.get("engine.gemv-fuse", False)) if fuse is None else bool(fuse)
+    if not (on and ops.fused_on(device)):
+        return 0, False
+    return rows, fuse
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     name = device or _config.get("engine.device", "auto")
     if name == "auto":
@@ -121,8 +136,7 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
         # Folding RMSNorm weights into the next GEMM saves two kernels a layer but rounds
         # differently from transformers in bf16; `engine.fold-norms` turns it on.
         self.fold_norms = bool(_config.get("engine.fold-norms", True)) and ops.fused_on(self.device)
-        # one-row GEMMs (decode at batch 1) on the Triton GEMV: cuBLAS reads 2048-wide weights slowly
-        self.gemv = bool(_config.get("engine.gemv", True)) and ops.fused_on(self.device)
+        self.gemv, self.gemv_fuse = gemv_config(self.device)
         # engine.l2-prefetch: in captured steps each GEMM forks its successor's weight into L2
         self.l2_prefetch = check_mode(_config.get("engine.l2-prefetch", "off"))
         self.l2_prefetch_bytes = int(float(_config.get("engine.l2-prefetch-mb", 32)) * 2**20)
@@ -448,6 +462,18 @@ class Engine(ModelLoading, PipelinedDecode, StepGraphs):
             self.l2_prefetch_programs = int(programs)
         for lane in self.lanes.values():
             lane.prefetch = self._prefetcher()
+        self._drop_captures()
+
+    def set_gemv(self, rows: int, fuse: bool = False) -> None:
+        """Switch engine.gemv-rows (0: no GEMV) and engine.gemv-fuse on a running engine, as
+        set_l2_prefetch does: benchmarks time the settings side by side on one engine."""
+        self.gemv, self.gemv_fuse = gemv_config(self.device, rows, fuse)
+        for lane in self.lanes.values():
+            lane.gemv, lane.fuse = self.gemv, self.gemv_fuse
+        self._drop_captures()
+
+    def _drop_captures(self) -> None:
+        """Forget every plan and captured graph: they hold the kernels of the settings they met."""
         self._plans.clear()
         self.graphs.clear()
         self._reset_step_graphs()

@@ -15,7 +15,7 @@ from . import ops
 from .kv_cache import KVPool
 from .plan import Plan, Rows, Stage
 from .prefetch import L2Prefetcher, gemm_weights
-from .weights import EmbedBlock, LayerBlock, LayerWeights
+from .weights import EmbedBlock, HeadBlock, LayerBlock, LayerWeights
 
 
 @dataclass
@@ -31,7 +31,8 @@ class Lane:
     device: torch.device
     tune: bool = False  # engine.tune-kernels: time Triton against cuBLAS per shape at warm-up
     prefetch: L2Prefetcher = field(default_factory=L2Prefetcher)  # engine.l2-prefetch (inert when off)
-    gemv: bool = False  # engine.gemv: one-row GEMMs take the Triton GEMV (cuda)
+    gemv: int = 0  # engine.gemv / gemv-rows: GEMMs of up to this many rows take the Triton GEMV (0: none)
+    fuse: bool = False  # engine.gemv-fuse: those GEMVs also do the norm before and the op after them
 
 
 def _take(t: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -70,6 +71,13 @@ def _lora_(st: Stage, layer: int, gemm: str, inp: torch.Tensor, out: torch.Tenso
             _add_rows_(out, rows, m.c0, m.c1, ((x @ m.a.t()) @ m.b.t()) * m.scale)
 
 
+def _has_lora(st: Stage, layer: int, gemm: str) -> bool:
+    """Whether any row of the stage adds an adapter delta to `gemm` of `layer` (see _lora_)."""
+    if st.dense is not None:
+        return st.dense[layer].get(gemm) is not None
+    return any(ad.layers[layer].get(gemm) for ad, _ in st.lora)
+
+
 def _project_residual_(
     st: Stage,
     layer: int,
@@ -81,7 +89,7 @@ def _project_residual_(
     lane: Lane,
 ) -> None:
     """x += a @ w.T (+ b) (+ LoRA deltas of the rows that have them)."""
-    if x.is_cuda:
+    if ops.fused_on(x.device):
         ops.add_residual_(x, a, w, b, lane.tune, lane.gemv)
         _lora_(st, layer, gemm, a, x)
         return
@@ -156,32 +164,33 @@ def run_layers(block: LayerBlock, x: torch.Tensor, st: Stage, lane: Lane, max_ct
         if w.folded:
             _folded_layer(w, i, layer, x, st, lane, max_ctx)
             continue
-        h = ops.rms_norm(x, w.ln1, eps)  # (n, C)
+        fuse = lane.fuse and ops.gemv_fits(x, w.w_qkv, lane.gemv)  # norm, GEMV and the next op in one kernel
         lane.prefetch.step(w.w_qkv)
-        qkv = ops.linear(h, w.w_qkv, w.b_qkv, gemv=lane.gemv)  # (n, (H + 2 Hkv) D)
-        _lora_(st, i, "qkv", h, qkv)
-        if w.q_norm is not None:
-            _qk_norm_(qkv, w, H, Hkv, D, eps)
-        q = ops.rope_and_store_kv(
-            qkv,
-            st.positions,
-            st.slot_ids,
-            layer,
-            lane.cos_sin,
-            pool.k,
-            pool.v,
-            pool.block_table,
-            H,
-            Hkv,
-        )  # (n, H, D); k and v are in the pool now
+        if fuse and ops._pow2(D) and w.b_qkv is None and w.q_norm is None and not _has_lora(st, i, "qkv"):
+            q = ops.fused(x).qkv_rope_kv(
+                x, w.w_qkv, st.positions, st.slot_ids, layer, lane.cos_sin, pool.k, pool.v,
+                pool.block_table, H, Hkv, w.ln1, eps,
+            )  # fmt: skip
+        else:
+            h = ops.rms_norm(x, w.ln1, eps)  # (n, C)
+            qkv = ops.linear(h, w.w_qkv, w.b_qkv, gemv=lane.gemv)  # (n, (H + 2 Hkv) D)
+            _lora_(st, i, "qkv", h, qkv)
+            if w.q_norm is not None:
+                _qk_norm_(qkv, w, H, Hkv, D, eps)
+            q = ops.rope_and_store_kv(
+                qkv, st.positions, st.slot_ids, layer, lane.cos_sin, pool.k, pool.v, pool.block_table, H, Hkv
+            )  # (n, H, D); k and v are in the pool now
         attn = _attend(q, st, lane, layer, scale, max_ctx)  # (n, H D)
         lane.prefetch.step(w.w_o)
         _project_residual_(st, i, "o", x, attn, w.w_o, w.b_o, lane)
-        h = ops.rms_norm(x, w.ln2, eps)
         lane.prefetch.step(w.w_gate_up)
-        gu = ops.linear(h, w.w_gate_up, w.b_gate_up, gemv=lane.gemv)  # (n, 2 I)
-        _lora_(st, i, "gate_up", h, gu)
-        act = ops.silu_mul(gu)  # (n, I)
+        if fuse and w.b_gate_up is None and not _has_lora(st, i, "gate_up"):
+            act = ops.fused(x).gate_up_silu(x, w.w_gate_up, w.ln2, eps)  # (n, I)
+        else:
+            h = ops.rms_norm(x, w.ln2, eps)
+            gu = ops.linear(h, w.w_gate_up, w.b_gate_up, gemv=lane.gemv)  # (n, 2 I)
+            _lora_(st, i, "gate_up", h, gu)
+            act = ops.silu_mul(gu)  # (n, I)
         lane.prefetch.step(w.w_down)
         _project_residual_(st, i, "down", x, act, w.w_down, w.b_down, lane)
 
@@ -250,6 +259,11 @@ def run_segment(plan: Plan, lane: Lane, hidden: torch.Tensor | None = None) -> t
     return h
 
 
+def head_logits(head: HeadBlock, hs: torch.Tensor, lane: Lane) -> torch.Tensor:
+    """The final norm and LM head over hidden rows (n, C) -> logits (n, V)."""
+    return ops.norm_linear(hs, head.norm, head.arch.eps, head.weight, lane.tune, lane.gemv, lane.fuse)
+
+
 def run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a lane's batch -> (logits (S, V), greedy tokens (S,)) for the sampled rows."""
     with lane.prefetch.sequence(lambda: gemm_weights([*(st.block for st in plan.stages), *(st.block for st in plan.heads)])):
@@ -262,20 +276,13 @@ def _run_plan(plan: Plan, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
     if len(plan.heads) == 1 and _is_all(plan.heads[0].rows, plan.n_sample):
         head = plan.heads[0].block
         lane.prefetch.step(head.weight)
-        logits = ops.linear(
-            ops.rms_norm(hs, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv
-        )  # (S, V)
+        logits = head_logits(head, hs, lane)  # (S, V)
     else:
         logits = torch.empty(plan.n_sample, lane.vocab, dtype=lane.dtype, device=lane.device)
         for st in plan.heads:
             head = st.block
             lane.prefetch.step(head.weight)
-            part = ops.linear(
-                ops.rms_norm(_take(hs, st.rows), head.norm, head.arch.eps),
-                head.weight,
-                tune=lane.tune,
-                gemv=lane.gemv,
-            )
+            part = head_logits(head, _take(hs, st.rows), lane)
             if isinstance(st.rows, slice):
                 logits[st.rows] = part
             else:

@@ -227,7 +227,7 @@ class ModelLoading:
             table = cos_sin_table(arch.raw, arch.head_dim, max(self.max_model_len, 1), self.device)
             lane = self.lanes[key] = Lane(
                 key, pool, table, arch.hidden, vocab, self.dtype, self.device, self.tune_kernels,
-                self._prefetcher(), self.gemv,
+                self._prefetcher(), self.gemv, self.gemv_fuse,
             )  # fmt: skip
         return lane
 
@@ -255,6 +255,4 @@ class ModelLoading:
                 del self._refs[k]
         if not any(other.cls is m.cls for other in self.models.values()):
             self._classes.pop(m.cls.key, None)
-        self._plans.clear()
-        self.graphs.clear()
-        self._reset_step_graphs()
+        self._drop_captures()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,21 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1, read when triton_ops is first imported):
+    the kernels then run in numpy on CPU tensors, which lets tests check them without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fused_on(device: torch.device) -> bool:
-    """Whether the Triton kernels serve `device`: a CUDA device, with Triton importable."""
-    return device.type == "cuda" and _triton_ops() is not None
+    """Whether the Triton kernels serve `device`: a CUDA device with Triton importable, or the CPU
+    under Triton's interpreter."""
+    return (device.type == "cuda" or (device.type == "cpu" and interpreting())) and _triton_ops() is not None
 
 
 def fused(x: torch.Tensor) -> object | None:
-    """The Triton kernels module when `x` lives on a CUDA device (and Triton works), else None."""
-    return _triton_ops() if x.is_cuda else None
+    """The Triton kernels module when they serve `x`'s device (fused_on), else None."""
+    return _triton_ops() if fused_on(x.device) else None
 
 
 # ---------------------------------------------------------------------------------------- norms
@@ -102,15 +110,23 @@ def _use_triton_gemm(
     return choice
 
 
-def _gemv_fits(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """One row of bf16/fp16 against a weight of the same dtype, both unit-stride along K."""
+def gemv_fits(a: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """Whether `a` takes the Triton GEMV: 1 to `rows` rows (engine.gemv-rows; 0: never) of bf16 or
+    fp16 (float32 too under the interpreter) against a weight of its dtype, both unit-stride along K."""
     return (
-        a.shape[0] == 1
-        and a.dtype in (torch.bfloat16, torch.float16)
+        1 <= a.shape[0] <= rows
+        and (a.dtype in (torch.bfloat16, torch.float16) or (a.dtype == torch.float32 and interpreting()))
         and w.dtype == a.dtype
         and a.stride(1) == 1
         and w.stride(1) == 1
     )
+
+
+def _gemv(k: object, a: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One row on the measured one-row kernel (triton_ops.gemv), 2-16 on the row-bucket GEMV."""
+    if a.shape[0] == 1:
+        return k.gemv(a, w, residual)
+    return k.gemv_rows(a, w, residual)
 
 
 def linear(
@@ -118,18 +134,35 @@ def linear(
     w: torch.Tensor,
     b: torch.Tensor | None = None,
     tune: bool = False,
-    gemv: bool = False,
+    gemv: int = 0,
 ) -> torch.Tensor:
-    """a @ w.T (+ b): cuBLAS; with `gemv` (engine.gemv) one row takes the Triton GEMV (faster than
-    cuBLAS on every decode shape measured, benchmarks/NOTES-engine.md); with `tune`
-    (engine.tune-kernels), the Triton skinny GEMM where it timed faster."""
+    """a @ w.T (+ b): cuBLAS; up to `gemv` rows (engine.gemv, engine.gemv-rows) take the Triton GEMV
+    (one row: faster than cuBLAS on every decode shape measured, benchmarks/NOTES-engine.md); with
+    `tune` (engine.tune-kernels), the Triton skinny GEMM where it timed faster."""
     k = fused(a) if (tune or gemv) else None
     if k is not None and b is None:
-        if gemv and _gemv_fits(a, w):
-            return k.gemv(a, w)
+        if gemv_fits(a, w, gemv):
+            return _gemv(k, a, w)
         if tune and _use_triton_gemm(k, a, w, None):
             return k.gemm(a, w)
     return F.linear(a, w, b)
+
+
+def norm_linear(
+    x: torch.Tensor,
+    norm: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    tune: bool = False,
+    gemv: int = 0,
+    fuse: bool = False,
+) -> torch.Tensor:
+    """linear(rms_norm(x, norm, eps), w); with `fuse` (engine.gemv-fuse) and rows the GEMV takes,
+    one kernel that normalises as it reads x (triton_gemv)."""
+    k = fused(x) if fuse else None
+    if k is not None and gemv_fits(x, w, gemv):
+        return k.gemv_rows(x, w, norm=norm, eps=eps)
+    return linear(rms_norm(x, norm, eps), w, tune=tune, gemv=gemv)
 
 
 def add_residual_(
@@ -138,13 +171,13 @@ def add_residual_(
     w: torch.Tensor,
     b: torch.Tensor | None,
     tune: bool = False,
-    gemv: bool = False,
+    gemv: int = 0,
 ) -> None:
     """x += a @ w.T (+ b), in place: on CUDA one GEMM with the residual as its C operand."""
-    if x.is_cuda:
+    if fused_on(x.device):
         k = fused(x) if (tune or gemv) else None
-        if k is not None and gemv and x.stride(1) == 1 and _gemv_fits(a, w):
-            k.gemv(a, w, x)
+        if k is not None and x.stride(1) == 1 and gemv_fits(a, w, gemv):
+            _gemv(k, a, w, x)
         elif k is not None and tune and x.stride(1) == 1 and _use_triton_gemm(k, a, w, x):
             k.gemm(a, w, x)
         else:

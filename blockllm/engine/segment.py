@@ -27,8 +27,8 @@ from ..exceptions import (
 )
 from ..types import SamplingParams
 from . import ops
-from .engine import _device, _dtype
-from .forward import Lane, _take, run_segment
+from .engine import _device, _dtype, gemv_config
+from .forward import Lane, _take, head_logits, run_segment
 from .graphs import GraphCache
 from .kv_cache import KVPool, auto_pages
 from .plan import Item, ModelClass, Plan, bucket, build_plan, fill_inputs
@@ -114,7 +114,7 @@ def _logits(plan: Plan, lane: Lane, h: torch.Tensor) -> torch.Tensor:
     logits = torch.empty(plan.n_sample, lane.vocab, dtype=lane.dtype, device=lane.device)
     for st in plan.heads:
         head = st.block
-        part = ops.linear(ops.rms_norm(_take(hs, st.rows), head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
+        part = head_logits(head, _take(hs, st.rows), lane)
         if isinstance(st.rows, slice):
             logits[st.rows] = part
         else:
@@ -273,8 +273,8 @@ class SegmentEngine:
         lane = self.lanes.get(key)
         if lane is None:
             table = cos_sin_table(arch.raw, arch.head_dim, max(self.max_model_len, 1), self.device)
-            gemv = bool(_config.get("engine.gemv", True)) and ops.fused_on(self.device)
-            lane = self.lanes[key] = Lane(key, pool, table, arch.hidden, vocab, self.dtype, self.device, gemv=gemv)
+            gemv, fuse = gemv_config(self.device)
+            lane = self.lanes[key] = Lane(key, pool, table, arch.hidden, vocab, self.dtype, self.device, gemv=gemv, fuse=fuse)
         return lane
 
     def unload(self, model: str) -> None:

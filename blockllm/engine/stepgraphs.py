@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .forward import Lane, run_layers
+from .forward import Lane, head_logits, run_layers
 from .graphs import GraphCache
 from .plan import BUCKETS, Item, ModelClass, Stage, bucket
 from .prefetch import gemm_weights
@@ -446,7 +445,7 @@ class StepGraphs:
                     return ()
                 head = seg.head
                 lane.prefetch.step(head.weight)
-                logits = ops.linear(ops.rms_norm(x, head.norm, head.arch.eps), head.weight, tune=lane.tune, gemv=lane.gemv)
+                logits = head_logits(head, x, lane)
                 bufs.logits.index_copy_(0, idx, logits)
                 bufs.tokens.index_copy_(0, idx, logits.argmax(-1))
                 return ()

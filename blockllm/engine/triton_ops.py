@@ -1,5 +1,5 @@
 """Triton kernels for the CUDA hot path: RMSNorm, SwiGLU, rope + paged KV write, paged decode attention,
-one-row GEMV, skinny GEMM, L2 prefetch.
+one-row GEMV, skinny GEMM, L2 prefetch; the row-bucket GEMVs with fused neighbours come from triton_gemv.
 
 Each wrapper mirrors the torch reference of the same name in ops.py (tests compare them); none
 reads a device value on the host, so all of them run inside captured CUDA graphs.
@@ -12,6 +12,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from .ops import interpreting
+from .triton_gemv import gate_up_silu, qkv_rope_kv
+from .triton_gemv import gemv as gemv_rows
 
 _LOG2E = 1.4426950408889634
 
@@ -434,13 +438,15 @@ def _gemv_kernel(X, W, Y, N, K, stride_wn, RESIDUAL: tl.constexpr, BLOCK_N: tl.c
 
 def gemv(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
-    block_n: int = 2, block_k: int = 1024, num_warps: int = 4, num_stages: int = 2,
+    block_n: int | None = None, block_k: int = 1024, num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:  # fmt: skip
     """x (1, K) @ w.T -> (1, N); with `residual` (1, N), added into it in place.
 
     The default tile (2 rows x 1024 of K, 4 warps, 2 stages) timed fastest, or within 12% of the
     fastest, on all nine 1.1B / 8B decode shapes on the H200 (results/gemv_probe-h200.json).
+    Under Triton's interpreter the default is 128 rows a program (64x fewer programs to run in numpy).
     """
+    block_n = block_n or (128 if interpreting() else 2)
     K = x.shape[1]
     N = w.shape[0]
     block_k = min(block_k, triton.next_power_of_2(K))
@@ -483,4 +489,7 @@ def l2_prefetch(t: torch.Tensor, nbytes: int, mode: str = "prefetch", programs: 
     _l2_prefetch_kernel[grid](t, nbytes, chunks, CHUNK=chunk, LINE=128, EVICT_LAST=mode == "evict_last", num_warps=4)
 
 
-__all__ = ["decode_attention", "gemm", "gemv", "l2_prefetch", "rms_norm", "rope_and_store_kv", "silu_mul"]
+__all__ = [
+    "decode_attention", "gate_up_silu", "gemm", "gemv", "gemv_rows", "l2_prefetch", "qkv_rope_kv", "rms_norm",
+    "rope_and_store_kv", "silu_mul",
+]  # fmt: skip
