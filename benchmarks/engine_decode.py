@@ -10,7 +10,8 @@ one mixed batch (8 per variant) against 8 separate full copies batched per model
     python -m benchmarks.engine_decode --preset cpu      # tiny shapes, seconds, smoke test
 
 Writes benchmarks/results/engine_decode-<preset>[-<tag>].json and .png; `--l2-prefetch off,prefetch:32:8`
-times engine.l2-prefetch settings side by side on the same engine.
+and `--gemv 0,1,16,16:fuse` time engine.l2-prefetch and engine.gemv-rows[/gemv-fuse] settings side by
+side on the same engine, each right after the default.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import platform
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +243,23 @@ def _engine_decode(
 
 PROFILE = False
 TAG = ""
-SWEEP: list[tuple[str, float, int]] = []  # --l2-prefetch: (mode, MiB, programs) timed after the default
+# --l2-prefetch / --gemv: (kind, name, apply to the engine) settings timed after the default
+SWEEP: list[tuple[str, str, Callable[[Any], None]]] = []
+
+
+def l2_setting(spec: str) -> tuple[str, str, Callable[[Any], None]]:
+    """MODE[:MiB[:PROGRAMS]] -> an engine.l2-prefetch setting of the sweep."""
+    f = spec.split(":")
+    mode, mb, progs = f[0], float(f[1]) if len(f) > 1 else 32.0, int(f[2]) if len(f) > 2 else 0
+    return "l2_prefetch", f"{mode}:{mb:g}:{progs}", lambda eng: eng.set_l2_prefetch(mode, mb, progs)
+
+
+def gemv_setting(spec: str) -> tuple[str, str, Callable[[Any], None]]:
+    """ROWS[:fuse] -> an engine.gemv-rows (0: off) / engine.gemv-fuse setting of the sweep."""
+    rows, _, fuse = spec.partition(":")
+    if not rows.isdigit() or fuse not in ("", "fuse"):
+        raise argparse.ArgumentTypeError(f"--gemv takes ROWS or ROWS:fuse, not {spec!r}")
+    return "gemv", spec, lambda eng: eng.set_gemv(int(rows), fuse == "fuse")
 COMPILE_T0 = time.perf_counter()  # one compile-time budget for the whole run
 
 
@@ -365,7 +383,7 @@ def bench_shape(
     eng = Engine(source, device=device, dtype=dtype, kv_pages=pages, max_batch_size=max(64, max_b),
                  max_model_len=p.context + total_new + 64, prefill_chunk=max_b * p.context)  # fmt: skip
     eng.load(manifest)
-    default_prefetch, default_mb, default_progs = eng.l2_prefetch, eng.l2_prefetch_bytes / 2**20, eng.l2_prefetch_programs
+    defaults = (eng.l2_prefetch, eng.l2_prefetch_bytes / 2**20, eng.l2_prefetch_programs), (eng.gemv, eng.gemv_fuse)
     weights = eng.stats().weight_bytes
     embed_bytes = s.vocab * s.hidden * torch.empty((), dtype=dtype).element_size()
     res["weight_bytes"] = weights
@@ -389,23 +407,25 @@ def bench_shape(
         except Exception as e:  # record and go on: one failed size must not lose the others
             row["engine_error"] = f"{type(e).__name__}: {e}"
             log.error("engine %s b=%d failed:\n%s", s.name, b, traceback.format_exc())
-        for mode, mb, progs in SWEEP:  # engine.l2-prefetch settings side by side on the same engine
-            name = f"{mode}:{mb:g}:{progs}"
+        for kind, name, apply in SWEEP:  # other settings side by side on the same engine
             try:
-                eng.set_l2_prefetch(mode, mb, progs)
+                eng.set_l2_prefetch(*defaults[0])
+                eng.set_gemv(*defaults[1])
+                apply(eng)
                 r = engine_decode(eng, make_requests(manifest.key, b, p.context, s.vocab, total_new, f"b{b}-{name}"),
                                   p.steps, p.warmup, device)  # fmt: skip
                 r["ratio"] = r["step_ms"] / row["floor_ms"]
                 if "graph_ms" in r:
                     r["graph_ratio"] = r["graph_ms"] / row["floor_ms"]
-                row.setdefault("l2_prefetch", {})[name] = r
-                log.info("%s b=%d l2-prefetch %s: step %.3f ms (%.2fx), graph %s", s.name, b, name,
+                row.setdefault(kind, {})[name] = r
+                log.info("%s b=%d %s %s: step %.3f ms (%.2fx), graph %s", s.name, b, kind, name,
                          r["step_ms"], r["ratio"], r.get("graph_ms"))  # fmt: skip
             except Exception as e:
-                row.setdefault("l2_prefetch", {})[name] = {"error": f"{type(e).__name__}: {e}"}
-                log.error("l2-prefetch %s b=%d failed:\n%s", name, b, traceback.format_exc())
+                row.setdefault(kind, {})[name] = {"error": f"{type(e).__name__}: {e}"}
+                log.error("%s %s b=%d failed:\n%s", kind, name, b, traceback.format_exc())
         if SWEEP:
-            eng.set_l2_prefetch(default_prefetch, default_mb, default_progs)
+            eng.set_l2_prefetch(*defaults[0])
+            eng.set_gemv(*defaults[1])
         try:
             row["hf_eager_ms"] = hf_per_step(hf, b, p.context, s.vocab, p.hf_eager_tokens, device)
         except Exception as e:
@@ -622,7 +642,7 @@ def run(preset_name: str, out_dir: Path, parts: set[str]) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "preset": preset_name,
-        "l2_prefetch_sweep": [f"{m}:{mb:g}:{n}" for m, mb, n in SWEEP],
+        "sweep": {kind: [name for k, name, _ in SWEEP if k == kind] for kind in ("l2_prefetch", "gemv")},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
         "config": {k: (v if not isinstance(v, list) else [asdict(x) if hasattr(x, "__dataclass_fields__") else x for x in v])
@@ -677,8 +697,8 @@ def summary(result: dict[str, Any]) -> str:
             f = lambda k, r=r: f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
             lines.append(f"{sr['shape']['name']:>11} b={b:>3} step {f('step_ms')} graph {f('graph_ms')} floor {f('floor_ms')} "
                          f"ratio {f('ratio')} gratio {f('graph_ratio')} hf {f('hf_eager_ms')} hfc {f('hf_compiled_ms')} eager {f('eager_step_ms')}")  # fmt: skip
-            for name, q in r.get("l2_prefetch", {}).items():
-                lines.append(f"{'':>11}   l2-prefetch {name:>14}: " + (q["error"] if "error" in q else
+            for kind, name, q in [(k, n, q) for k in ("l2_prefetch", "gemv") for n, q in r.get(k, {}).items()]:
+                lines.append(f"{'':>11}   {kind} {name:>14}: " + (q["error"] if "error" in q else
                              f"step {q['step_ms']:.3f} graph {q.get('graph_ms', float('nan')):.3f} ratio {q['ratio']:.3f} gratio {q.get('graph_ratio', float('nan')):.3f}"))  # fmt: skip
     v = result.get("variants")
     if v:
@@ -701,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="log kernel times of each captured step")
     ap.add_argument("--l2-prefetch", default="", help="comma list of engine.l2-prefetch settings MODE[:MiB[:PROGRAMS]] "
                     "(e.g. off,prefetch:32:8), each timed on the same engine right after the default")
+    ap.add_argument("--gemv", default="", help="comma list of engine.gemv-rows[:fuse] settings (e.g. 1,16,16:fuse; "
+                    "0: cuBLAS only), each timed on the same engine right after the default")
     ap.add_argument("--tag", default="", help="results file suffix: engine_decode-<preset>-<tag>.json")
     ap.add_argument(
         "--compile-budget",
@@ -711,8 +733,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global PROFILE, COMPILE_T0, SWEEP, TAG
     PROFILE, COMPILE_T0, TAG = args.profile, time.perf_counter(), args.tag
-    SWEEP = [(f[0], float(f[1]) if len(f) > 1 else 32.0, int(f[2]) if len(f) > 2 else 0)
-             for f in (x.split(":") for x in args.l2_prefetch.split(",") if x)]  # fmt: skip
+    SWEEP = [l2_setting(x) for x in args.l2_prefetch.split(",") if x] + [gemv_setting(x) for x in args.gemv.split(",") if x]
     if args.compile_budget is not None:
         PRESETS[args.preset].compile_budget_s = args.compile_budget
     if args.skip_compile:
