@@ -40,3 +40,10 @@ def greedy_refs(family, tok, prompts: list[str], n: int) -> dict[tuple[str, int]
         for i, p in enumerate(prompts):
             out[(m.key, i)] = greedy(model, tok(p)["input_ids"], n, tok.pad_token_id)
     return out
+
+
+def agrees(out, ref) -> bool:
+    """An output of a request that ran with ignore_eos equals transformers' greedy tokens up to
+    transformers' EOS (or to the output's own length, where that is shorter)."""
+    n = min(len(out.token_ids), len(ref))
+    return list(out.token_ids)[:n] == list(ref)[:n]

@@ -330,12 +330,21 @@ def test_results_table_quality_cost_stays_within_budget(tiny_run, tiny_family):
 
 
 def test_budget_set_in_the_manifest_drives_the_planner(tiny_run, tmp_path):
+    """A budget written into tiny-full's manifest is what the planner spends: with none it keeps
+    the own chain; with the score of the best resident base block that may stand in for one of
+    tiny-full's (whatever the trained family's scores are), it substitutes within that budget."""
     zoo = _copy(tiny_run[0], tmp_path)
-    manifest = set_error_budget(zoo, "acme", "tiny-full", 0.25)
-    plan = ChainPlanner(load_graph(zoo), CostModel(penalty_ms=0.1)).plan(
-        manifest, "acme", resident=set(_models(zoo)["platform/tiny-base"].chain)
-    )
-    assert plan.budget == 0.25 and 0 < plan.error <= 0.25
+    g, models = load_graph(zoo), _models(zoo)
+    resident = set(models["platform/tiny-base"].chain)
+    scores = [e.score for fp in models["acme/tiny-full"].chain for e in g.substitutes_for(fp)
+              if e.substitute in resident and g.visible_to(e.substitute, "acme")]  # fmt: skip
+    assert scores, "the equivalence run found no base block to stand in for tiny-full's"
+    planner = ChainPlanner(g, CostModel(penalty_ms=0.1))
+    off = planner.plan(set_error_budget(zoo, "acme", "tiny-full", 0.0), "acme", resident=resident)
+    assert off.budget == 0 and off.error == 0 and not off.substituted
+    budget = min(scores)
+    plan = planner.plan(set_error_budget(zoo, "acme", "tiny-full", budget), "acme", resident=resident)
+    assert plan.budget == budget and plan.substituted and 0 < plan.error <= budget
     assert "acme/tiny-full" in plan.explanation
 
 

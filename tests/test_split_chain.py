@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from clusters import tenant_clients
-from reference import greedy_refs
+from reference import agrees, greedy_refs
 
 from blockllm.demo import members
 from blockllm.engine.segment import SegmentEngine, unpack
@@ -70,14 +70,14 @@ def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok
     # decode steps take the captured-graph path (emulated on the CPU)
     driver, first, last = _split_pair(tiny_zoo, tiny_family, graphs, speculate=speculate, prefill_chunk=4)
     batch = [
-        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N))
+        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N, ignore_eos=True))
         for m in members(tiny_family)
         for i, p in enumerate(PROMPTS)
-    ]
+    ]  # ignore_eos: N tokens each (speculation, page pressure), however early the model stops
     done = _run(driver, batch)
     for r in batch:
         key, i = r.request_id.split("#")
-        assert list(done[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+        assert agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
         assert done[r.request_id].blocks  # the whole chain it passed through, adapters included
     s = driver.stats()
     if speculate:
@@ -96,15 +96,15 @@ def test_first_segment_preempted_for_pages_recomputes_on_both_sides(tiny_zoo, ti
     # 24 pages of 16 tokens for 2 layers: requests queue for pages and decode growth preempts
     driver, first, last = _split_pair(tiny_zoo, tiny_family, kv_pages=24, speculate=True)
     batch = [
-        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N))
+        Request(f"{m.key}#{i}", m.key, tuple(tok(p)["input_ids"]), SamplingParams(max_new_tokens=N, ignore_eos=True))
         for m in members(tiny_family)
         for i, p in enumerate(PROMPTS)
-    ]
+    ]  # ignore_eos: N tokens each (speculation, page pressure), however early the model stops
     done = _run(driver, batch)
     assert driver.scheduler.preemptions > 0
     for r in batch:
         key, i = r.request_id.split("#")
-        assert list(done[r.request_id].token_ids) == refs[(key, int(i))], r.request_id
+        assert agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
     assert last.stats().remote_requests == 0
 
 
@@ -217,11 +217,11 @@ def test_split_across_workers_matches_transformers_and_tasks_stay_flat(cluster_c
         futures = {}
         for m in members(tiny_family):
             for i, p in enumerate(PROMPTS):
-                req = GenerationRequest(model=m.key, prompt_token_ids=tok(p)["input_ids"], sampling=SamplingParams(max_new_tokens=N))
+                req = GenerationRequest(model=m.key, prompt_token_ids=tok(p)["input_ids"], sampling=SamplingParams(max_new_tokens=N, ignore_eos=True))
                 futures[(m.key, i)] = cluster_clients[m.tenant].submit([req])[0]
         for key, f in futures.items():
             got = f.result(120)
-            assert list(got.token_ids) == refs[key], (speculate, key)
+            assert len(got.token_ids) == N and agrees(got, refs[key]), (speculate, key)
             assert got.worker in firsts
     stats = client.stats()
     split = stats[next(iter(firsts))]["split"]
