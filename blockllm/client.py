@@ -216,11 +216,17 @@ class Client:
         """worker -> models its block host takes requests for now (whole, or a split chain's first segment)."""
         return {w: set(st["models"]) | set((st.get("split") or {}).get("routes", ())) for w, st in self.stats().items()}
 
-    def _route(self, model: str) -> str:
+    def _least_loaded(self, workers: Sequence[str], pending: Counter | None = None) -> str:
+        """The worker with the fewest requests in flight, counting `pending` (those this submit has
+        routed already); ties go round the workers, so replicas share a burst."""
+        start, n, pending = next(self._rr), len(workers), pending or Counter()
+        return min(enumerate(workers), key=lambda iw: (self._inflight[iw[1]] + pending[iw[1]], (iw[0] - start) % n))[1]
+
+    def _route(self, model: str, pending: Counter | None = None) -> str:
         if self.plan is None or not self.plan.workers_for(model):
             where = [w for w, models in self.loaded().items() if model in models]
             if where:  # placed by another client of this cluster
-                return min(where, key=lambda w: (self._inflight[w], next(self._rr)))
+                return self._least_loaded(where, pending)
             # Placing on demand: first make sure this tenant may run the model at all.
             workers = self.workers
             if not workers:
@@ -235,8 +241,7 @@ class Client:
             plan = self._replace(self._plan_models(self.plan) | {model})
             if not plan.workers_for(model):
                 raise NoCapacityError(f"no worker can host {model}: {plan.unplaced.get(model, 'unknown reason')}")
-        candidates = self.plan.workers_for(model)
-        return min(candidates, key=lambda w: (self._inflight[w], next(self._rr)))
+        return self._least_loaded(self.plan.workers_for(model), pending)
 
     # ------------------------------------------------------------------ requests
     def submit(self, requests: Sequence[GenerationRequest]) -> list[Future]:
@@ -248,8 +253,11 @@ class Client:
             raise OverloadedError(f"a batch of {len(requests)} requests exceeds the limit of {MAX_BATCH}; split it", retry_after=0.0)
         wires = [r.to_wire(self.api_key) for r in requests]  # malformed requests fail here, in the caller
         by_worker: dict[str, list[int]] = {}
+        pending: Counter = Counter()  # routed by this call, not yet in flight
         for i, r in enumerate(requests):
-            by_worker.setdefault(self._route(r.model), []).append(i)
+            worker = self._route(r.model, pending)
+            pending[worker] += 1
+            by_worker.setdefault(worker, []).append(i)
         futures: list[Future] = [Future() for _ in requests]
         for worker, idx in by_worker.items():
             self._inflight[worker] += len(idx)

@@ -62,3 +62,25 @@ def test_four_workers_spread_models_replicate_the_hot_one_and_split_a_chain(four
         if key == SPLIT:
             assert got.worker == plan.splits[SPLIT][0].worker  # requests enter at the first segment
     assert len(hot_workers) >= 2  # the replicas share the hot model's requests
+
+
+def test_one_burst_to_the_hot_model_is_shared_by_its_replicas(four, tiny_zoo, tiny_family):
+    """Requests routed in one submit count against their worker at once, and ties go round the
+    replicas: a burst of 16 to the replicated model lands evenly on every replica (before, the whole
+    burst went to the first one), and every output is still transformers' own."""
+    from blockllm.chain import load_tokenizer
+    from blockllm.client import GenerationRequest
+
+    tok = load_tokenizer(tiny_zoo, "platform/tiny-base")
+    client = four["acme"]  # no plan of its own: it routes by what the workers hold
+    replicas = [w for w, models in client.loaded().items() if HOT in models]
+    assert len(replicas) >= 2, replicas  # placed by the test above
+    ids = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(16)]
+    reqs = [GenerationRequest(model=HOT, prompt_token_ids=x, sampling=SamplingParams(max_new_tokens=N)) for x in ids]
+    served: dict[str, int] = {}
+    member = next(m for m in members(tiny_family) if m.key == HOT)
+    for x, f in zip(ids, client.submit(reqs), strict=True):
+        got = f.result(180)
+        assert list(got.token_ids) == greedy(reference_model(member, tiny_family), x, N, tok.pad_token_id)
+        served[got.worker] = served.get(got.worker, 0) + 1
+    assert set(served) == set(replicas) and max(served.values()) - min(served.values()) <= 1, served
