@@ -384,30 +384,59 @@ def _engine_counters(dask_worker: Any) -> dict[str, Any]:
     return {"captures": captures, "capture_s": capture_s, "steps": eng.steps, "wait_s": eng.wait_s, "weight_bytes": eng.stats().weight_bytes}
 
 
-class ServingRun:
-    """BlockLLM through its serving stack: a one-worker LocalCluster, its block host reading the
-    zoo, placement, and blockllm.Client. `processes=True`: the worker is a process of its own, as
-    `dask worker` runs one per GPU, so the load generator and the client here share no GIL with the
-    block host; False: the worker runs in this process (inproc:// comms, one GIL for all)."""
+def serving_cluster(n_workers: int, processes: bool = True, gpus: bool = False) -> Any:
+    """A cluster on 127.0.0.1 of `n_workers` block-host workers. `gpus`: one worker process per GPU,
+    each seeing only its own (CUDA_VISIBLE_DEVICES set by its nanny, as dask-cuda does), so every
+    engine's "cuda" is a GPU of its own; otherwise a LocalCluster (processes or this process)."""
+    import distributed
 
-    def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt", processes: bool = True) -> None:
+    if not gpus:
+        return distributed.LocalCluster(n_workers=n_workers, processes=processes, threads_per_worker=2, dashboard_address=None,
+                                        host="127.0.0.1", silence_logs=logging.WARNING)  # fmt: skip
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    workers = {f"gpu{i}": {"cls": distributed.Nanny, "options": {"nthreads": 2, "host": "127.0.0.1", "silence_logs": logging.WARNING,
+                                                                "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+               for i in range(n_workers)}  # fmt: skip
+    return distributed.SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.WARNING)
+
+
+class ServingRun:
+    """BlockLLM through its serving stack: a LocalCluster (one worker by default; `n_workers` block
+    hosts, one per GPU with `gpus`), its block hosts reading the zoo, placement (by `traffic` where
+    given: hot models get replicas), and blockllm.Client. `processes=True`: each worker is a process
+    of its own, as `dask worker` runs one per GPU, so the load generator and the client here share no
+    GIL with the block hosts; False: the worker runs in this process (inproc:// comms, one GIL)."""
+
+    def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt", processes: bool = True,
+                 n_workers: int = 1, gpus: bool = False, traffic: dict[str, float] | None = None) -> None:  # fmt: skip
         import distributed
 
         import blockllm
 
-        self.cluster = distributed.LocalCluster(n_workers=1, processes=processes, threads_per_worker=2, dashboard_address=None,
-                                                silence_logs=logging.WARNING)  # fmt: skip
+        self.cluster = serving_cluster(n_workers, processes, gpus)
         self.dask = distributed.Client(self.cluster)
+        self.dask.wait_for_workers(n_workers, timeout=120)
         self.tenant = tenant
         self.client = blockllm.Client(self.dask, api_key=api_key, zoo=zoo_url, engine=engine_kwargs, capacity_bytes=1 << 50)
         t0 = time.perf_counter()
-        self.client.place(models)
+        self.plan = self.client.place(models, traffic=traffic)
         self.place_s = time.perf_counter() - t0
-        (self.worker,) = self.client.workers
+        self.workers = sorted(self.client.workers)
+        self.worker = self.workers[0]
+
+    def placement(self) -> dict[str, Any]:
+        """How the plan spread the set: models per worker, replicas per model, weight bytes per worker."""
+        per = self.dask.run(_engine_counters, workers=self.workers)
+        models = sorted({m for ms in self.plan.assignments.values() for m in ms})
+        return {"workers": len(self.workers),
+                "models_per_worker": [len(self.plan.assignments.get(w, ())) for w in self.workers],
+                "weight_bytes_per_worker": [per[w]["weight_bytes"] for w in self.workers],
+                "replicas": {m: len(self.plan.workers_for(m)) for m in models}, "unplaced": dict(self.plan.unplaced)}  # fmt: skip
 
     def counters(self) -> dict[str, Any]:
-        """The worker's engine counters (graph captures, steps, host wait, weight bytes)."""
-        return self.dask.run(_engine_counters, workers=[self.worker])[self.worker]
+        """The workers' engine counters (graph captures, steps, host wait, weight bytes), summed."""
+        per = self.dask.run(_engine_counters, workers=self.workers)
+        return {k: sum(c[k] for c in per.values()) for k in ("captures", "capture_s", "steps", "wait_s", "weight_bytes")}
 
     def replay(self, trace: list, vocab: int, seed: int, deadline: float, tag: str) -> RunLog:
         from blockllm.client import GenerationRequest
@@ -450,8 +479,9 @@ class ServingRun:
         left = [rid for rid, f in futures.items() if not f.done()]
         if left:
 
-            async def abort() -> None:
-                await self.dask.rpc(self.worker).blockllm_abort(ids=left)
+            async def abort() -> None:  # a request lives on one worker; the others ignore its id
+                for w in self.workers:
+                    await self.dask.rpc(w).blockllm_abort(ids=left)
 
             self.dask.sync(abort)
         for f in futures.values():

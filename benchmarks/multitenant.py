@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,7 @@ def _peak(device: torch.device) -> int | None:
 
 
 SYSTEMS = ("blockllm", "blockllm_inproc", "blockllm_direct", "per_model", "lora_only", "transformers")
+SCALE_OUT = re.compile(r"blockllm_w([1-9][0-9]*)")  # blockllm_wN: the serving stack on N workers, one per GPU
 
 
 class Bench:
@@ -218,16 +220,31 @@ class Bench:
             self._zoo = (url, blockllm.auth.create_key(zoo, "mt"), [m.key for m in manifests])
         return self._zoo
 
-    def blockllm_serving(self, name: str = "blockllm", processes: bool = True) -> None:
+    def popularity(self) -> dict[str, float]:
+        """The trace's Zipf weight of every model key (what placement replicates by)."""
+        _, _, models = self.serving_zoo()
+        by_name = {k.split("/", 1)[1]: k for k in models}
+        return {by_name[v]: 1.0 / (rank + 1) ** self.p.zipf_alpha for rank, v in enumerate(self.order)}
+
+    def blockllm_serving(self, name: str = "blockllm", processes: bool = True, workers: int | None = None) -> None:
         """(1) BlockLLM through its serving stack: blocks in a real file:// zoo, a block host on a
-        one-worker LocalCluster (a worker process of its own, or `processes=False` this one), the Client."""
+        one-worker LocalCluster (a worker process of its own, or `processes=False` this one), the Client.
+        `workers` (blockllm_wN): N worker processes, one per GPU on CUDA, placed by the trace's popularity."""
         url, key, models = self.serving_zoo()
         with dask.config.set({"blockllm.zoo.verify": False}):  # hashed once when written; reads are not re-hashed
-            run = ServingRun(url, key, models, self.engine_kw, processes=processes)
+            gpus = workers is not None and self.device.type == "cuda"
+            if gpus and workers > torch.cuda.device_count():
+                raise SystemExit(f"{name}: {workers} workers, one per GPU, but this machine has {torch.cuda.device_count()} GPUs")
+            run = ServingRun(url, key, models, self.engine_kw, processes=processes, n_workers=workers or 1, gpus=gpus,
+                             traffic=self.popularity() if workers else None)  # fmt: skip
             try:
                 where = "a worker process of its own" if processes else "in this process, one GIL with the load generator"
-                info = {"how": f"blockllm.Client -> BlockHost on a 1-worker LocalCluster ({where}), file:// zoo",
+                if workers:
+                    where = f"{workers} worker processes" + (", one GPU each" if gpus else " sharing this machine's CPUs")
+                info = {"how": f"blockllm.Client -> BlockHost on a {workers or 1}-worker cluster ({where}), file:// zoo",
                         "place_s": run.place_s, "weight_bytes_gpu": run.counters()["weight_bytes"]}  # fmt: skip
+                if workers:
+                    info["placement"] = run.placement()
                 counter = iter(range(1 << 30))
                 self._sweep(name, lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info)
             finally:
@@ -350,7 +367,7 @@ class Bench:
     def _system_spec(self, spec: str) -> tuple[str, str, dict[str, Any]]:
         """`name` or `name@key=value;...` -> (spec, name, engine.* settings), or SystemExit."""
         name, _, over = spec.partition("@")
-        if name not in SYSTEMS:
+        if name not in SYSTEMS and not SCALE_OUT.fullmatch(name):
             raise SystemExit(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
         overrides = engine_overrides(over)
         if overrides and name not in ("blockllm_direct", "per_model"):
@@ -380,6 +397,10 @@ class Bench:
                 with dask.config.set(overrides):
                     if overrides:  # the same system, other engine settings: its own row
                         (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
+                    elif m := SCALE_OUT.fullmatch(name):
+                        if not self.p.serving:
+                            raise SystemExit(f"{name} needs the serving stack, which the {self.name} preset leaves out")
+                        self.blockllm_serving(name, workers=int(m.group(1)))
                     elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
                         self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
                     else:
@@ -468,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct",
                     help="comma list, run in this order (blockllm: the serving stack in a worker process; blockllm_inproc: "
-                         "in this process); blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
+                         "in this process; blockllm_wN: on N worker processes, one GPU each, placed by popularity); blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
                          "blockllm_direct@KEY=VALUE;KEY=VALUE (or per_model@...) runs it again under those engine.* settings, as its own row")
     ap.add_argument("--profile", nargs="?", const="device", choices=("device", "host"), default=None,
                     help="profile 1.5 s of an extra replay of the highest rate (engine-driven systems): torch.profiler's ops and "

@@ -58,4 +58,4 @@ def generate(cfg: WorkloadConfig) -> list[Arrival]:
     models = rng.choice(len(cfg.models), size=n, p=zipf_weights(len(cfg.models), cfg.zipf_alpha))
     prompts = np.clip(rng.lognormal(np.log(cfg.prompt_median), cfg.prompt_sigma, n), 1, cfg.max_prompt).astype(int)
     outputs = np.clip(rng.lognormal(np.log(cfg.output_median), cfg.output_sigma, n), 1, cfg.max_output).astype(int)
-    return [Arrival(float(t), cfg.models[m], int(p), int(o)) for t, m, p, o in zip(times, models, prompts, outputs)]
+    return [Arrival(float(t), cfg.models[m], int(p), int(o)) for t, m, p, o in zip(times, models, prompts, outputs, strict=True)]

@@ -80,3 +80,40 @@ def test_prefill_probe_reports_each_prompt_mix(tmp_path):
     for r in rows:
         assert r["wall_ms_median"] > 0 and len(r["wall_ms_all"]) == 4 and r["steps"] >= 1
         assert r["top_cpu_ops"]  # the profiled rep's host ops (no kernels on a CPU)
+
+
+@pytest.mark.slow
+def test_blockllm_on_two_workers_is_placed_by_popularity_and_serves_every_request(tmp_path):
+    """`blockllm_w2`: the serving stack on two worker processes (one GPU each on CUDA; here both
+    share the CPUs): placement by the trace's Zipf popularity spreads the models over both, every
+    worker holds weights, and the replay finishes its requests on them."""
+    bench = multitenant.Bench("cpu", tmp_path)
+    result = bench.run(["blockllm_w2"])
+    sr = result["systems"]["blockllm_w2"]
+    placement = sr["placement"]
+    assert placement["workers"] == 2 and not placement["unplaced"]
+    assert all(b > 0 for b in placement["weight_bytes_per_worker"])
+    # every model placed, on both workers between them (no model's share of a Zipf trace over 16 is
+    # high enough for a replica at 2 workers: placement.replicate_above)
+    assert set(placement["replicas"]) == set(bench.popularity())
+    assert min(placement["models_per_worker"]) > 0 and sum(placement["models_per_worker"]) >= len(bench.popularity())
+    for rate, s in sr["rates"].items():
+        assert s["completed"] > 0 and s["completed"] + s["unfinished"] == s["requests"], rate
+    with pytest.raises(SystemExit, match="unknown system"):
+        multitenant.Bench("cpu", tmp_path).run(["blockllm_w0"])
+
+
+def test_scale_out_cluster_gives_each_worker_its_own_gpu():
+    """serving_cluster(gpus=True): one nanny-started worker process per GPU, each seeing only its own
+    (CUDA_VISIBLE_DEVICES 0, 1, ...), so every block host's "cuda" is a different GPU. The variable
+    is checked here on the CPU; on a GPU machine it is what selects the device."""
+    import os
+
+    import distributed
+
+    from benchmarks.mt_systems import serving_cluster
+
+    with serving_cluster(2, gpus=True) as cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["0", "1"], seen
