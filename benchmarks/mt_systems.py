@@ -391,9 +391,10 @@ def serving_cluster(n_workers: int, processes: bool = True, gpus: bool = False) 
     import distributed
 
     if not gpus:
-        return distributed.LocalCluster(n_workers=n_workers, processes=processes, threads_per_worker=2, dashboard_address=None,
+        return distributed.LocalCluster(n_workers=n_workers, processes=processes, threads_per_worker=2, dashboard_address="127.0.0.1:0",
                                         host="127.0.0.1", silence_logs=logging.WARNING)  # fmt: skip
-    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    # a free port for the scheduler's HTTP server (its default, 8787, may be taken: the fallback leaks a socket)
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": "127.0.0.1:0", "dashboard": False, "host": "127.0.0.1"}}
     workers = {f"gpu{i}": {"cls": distributed.Nanny, "options": {"nthreads": 2, "host": "127.0.0.1", "silence_logs": logging.WARNING,
                                                                 "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
                for i in range(n_workers)}  # fmt: skip

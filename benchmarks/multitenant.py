@@ -38,6 +38,7 @@ from .mt_systems import (
     SlotSystem,
     drive,
     hf_reference,
+    serving_cluster,
     summarize,
     sync,
 )
@@ -124,7 +125,7 @@ def _peak(device: torch.device) -> int | None:
 
 
 SYSTEMS = ("blockllm", "blockllm_inproc", "blockllm_direct", "per_model", "lora_only", "transformers")
-SCALE_OUT = re.compile(r"blockllm_w([1-9][0-9]*)")  # blockllm_wN: the serving stack on N workers, one per GPU
+SCALE_OUT = re.compile(r"(blockllm|per_model)_w([1-9][0-9]*)")  # on N workers, one per GPU
 
 
 class Bench:
@@ -233,8 +234,6 @@ class Bench:
         url, key, models = self.serving_zoo()
         with dask.config.set({"blockllm.zoo.verify": False}):  # hashed once when written; reads are not re-hashed
             gpus = workers is not None and self.device.type == "cuda"
-            if gpus and workers > torch.cuda.device_count():
-                raise SystemExit(f"{name}: {workers} workers, one per GPU, but this machine has {torch.cuda.device_count()} GPUs")
             run = ServingRun(url, key, models, self.engine_kw, processes=processes, n_workers=workers or 1, gpus=gpus,
                              traffic=self.popularity() if workers else None)  # fmt: skip
             try:
@@ -289,20 +288,52 @@ class Bench:
             eng.load(v.manifest)
         return eng, [v.manifest.key for v in slots.variants]
 
-    def per_model(self, name: str = "per_model") -> None:
-        """(2) Per-model serving: full copies, per-model batching, LRU eviction under BlockLLM's weight bytes."""
-        n = max(1, self.distinct // self.model_bytes)
+    def per_model_system(self, variants: list[str] | None = None) -> tuple[SlotSystem, dict[str, Any]]:
+        """Per-model serving of `variants` (default all, by popularity) under BlockLLM's weight bytes on this device."""
+        variants = list(variants or self.order)
+        n = max(1, min(len(variants), self.distinct // self.model_bytes))
         eng, slots = self.slots_engine(n, "slots")
         eng.use_groups(lambda seq: seq.model.manifest.key)
-        host = self.host_copies(eng, slots[0], self.order)
-        system = SlotSystem(eng, {}, slots, host, self.order[:n])
+        host = self.host_copies(eng, slots[0], variants)
         info = {"how": "GroupEngine: one model's requests per step (round robin), full copies in GPU slots, LRU reload from pinned host memory",
                 "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
+        return SlotSystem(eng, {}, slots, host, variants[:n]), info
+
+    def per_model(self, name: str = "per_model") -> None:
+        """(2) Per-model serving: full copies, per-model batching, LRU eviction under BlockLLM's weight bytes."""
+        system, info = self.per_model_system()
         self._sweep(name, lambda tr, dl: drive(system, tr, self.p.shape.vocab, self.p.seed, dl), info,
                     lambda tr, w, kind: drive(system, tr, self.p.shape.vocab, self.p.seed, w[1] + 0.1, w, kind))
-        system = eng = None  # free the weights before the next system
+        system = None  # free the weights before the next system
         _free(self.device)
+
+    def per_model_scaled(self, name: str, workers: int) -> None:
+        """(2) over N workers, one GPU each: worker i serves every N-th variant by popularity (so the
+        load is balanced) per-model, in its own slots under BlockLLM's weight bytes per GPU; all
+        workers replay their share of the same trace from one shared start."""
+        import distributed
+
+        gpus = self.device.type == "cuda"
+        parts = [self.order[i::workers] for i in range(workers)]
+        with serving_cluster(workers, True, gpus) as cluster, distributed.Client(cluster) as dask_client:
+            dask_client.wait_for_workers(workers, timeout=120)
+            addresses = sorted(dask_client.scheduler_info()["workers"])
+            actors = [dask_client.submit(PerModelPart, self.name, part, actor=True, workers=[w], pure=False).result()
+                      for w, part in zip(addresses, parts, strict=True)]  # fmt: skip
+            infos = [a.info().result() for a in actors]
+            info = {"how": f"per-model serving on {workers} workers" + (", one GPU each" if gpus else " sharing this machine's CPUs")
+                    + ": worker i holds every N-th variant by popularity", "workers": workers, "variants_per_worker": [len(p) for p in parts],
+                    "slots": [i["slots"] for i in infos], "weight_bytes_gpu": sum(i["weight_bytes_gpu"] for i in infos)}  # fmt: skip
+
+            def run_one(trace: list, deadline: float) -> RunLog:
+                start_at = time.time() + 1.0  # every worker starts its clock at once
+                futures = [a.replay([x for x in trace if x.model in set(part)], deadline, start_at)
+                           for a, part in zip(actors, parts, strict=True)]  # fmt: skip
+                return merge_logs([f.result() for f in futures])
+
+            self._sweep(name, run_one, info)
+            actors.clear()  # the actors go before their workers do
 
     def lora_only(self) -> None:
         """(4) LoRA-only sharing: adapters batch together on one resident base (S-LoRA / vLLM multi-LoRA);
@@ -398,9 +429,15 @@ class Bench:
                     if overrides:  # the same system, other engine settings: its own row
                         (self.per_model if name == "per_model" else self.blockllm_direct)(spec)
                     elif m := SCALE_OUT.fullmatch(name):
-                        if not self.p.serving:
-                            raise SystemExit(f"{name} needs the serving stack, which the {self.name} preset leaves out")
-                        self.blockllm_serving(name, workers=int(m.group(1)))
+                        workers = int(m.group(2))
+                        if self.device.type == "cuda" and workers > torch.cuda.device_count():
+                            raise SystemExit(f"{name}: {workers} workers, one per GPU, but this machine has {torch.cuda.device_count()} GPUs")
+                        if m.group(1) == "per_model":
+                            self.per_model_scaled(name, workers)
+                        elif not self.p.serving:
+                            raise SystemExit(f"{name} needs the serving stack, which the {self.name} preset leaves out (--serving)")
+                        else:
+                            self.blockllm_serving(name, workers=workers)
                     elif name == "blockllm_direct" and seen[spec] > 1:  # the engine again, later in the process (order effects)
                         self.blockllm_direct(f"blockllm_direct_{seen[spec]}")
                     else:
@@ -424,6 +461,39 @@ class Bench:
         except ImportError as e:  # no matplotlib: the JSON still stands
             log.warning("no plot: %s", e)
         return self.result
+
+
+class PerModelPart:
+    """A Dask actor on one worker (one GPU): per-model serving of its share of the variants, built once
+    and replayed at every rate."""
+
+    def __init__(self, preset: str, variants: list[str]) -> None:
+        import tempfile
+
+        self.bench = Bench(preset, Path(tempfile.gettempdir()))
+        self.system, self._info = self.bench.per_model_system(variants)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def replay(self, trace: list, deadline: float, start_at: float) -> RunLog:
+        time.sleep(max(0.0, start_at - time.time()))
+        return drive(self.system, trace, self.bench.p.shape.vocab, self.bench.p.seed, deadline)
+
+
+def merge_logs(logs: list[RunLog]) -> RunLog:
+    """One run's logs from several workers (clocks started together) as one log."""
+    out = RunLog()
+    for j, lg in enumerate(logs):
+        out.recs.update({f"w{j}-{rid}": r for rid, r in lg.recs.items()})
+        out.end = max(out.end, lg.end)
+        out.h2d_bytes += lg.h2d_bytes
+        out.h2d_seconds += lg.h2d_seconds
+        out.reloads += lg.reloads
+        for k, v in lg.extra.items():
+            if isinstance(v, (int, float)):
+                out.extra[k] = out.extra.get(k, 0) + v
+    return out
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -103,6 +103,22 @@ def test_blockllm_on_two_workers_is_placed_by_popularity_and_serves_every_reques
         multitenant.Bench("cpu", tmp_path).run(["blockllm_w0"])
 
 
+@pytest.mark.slow
+def test_per_model_serving_on_two_workers_splits_the_variants_and_merges_one_run(tmp_path):
+    """`per_model_w2`: each worker serves every other variant by popularity, per-model, from its own
+    slots; both replay their share of each rate's trace from one start, and the merged row counts
+    every request of the trace once."""
+    bench = multitenant.Bench("cpu", tmp_path)
+    result = bench.run(["per_model_w2"])
+    sr = result["systems"]["per_model_w2"]
+    assert sr["workers"] == 2 and sum(sr["variants_per_worker"]) == len(bench.order)
+    assert all(n >= 1 for n in sr["slots"]) and sr["weight_bytes_gpu"] > 0
+    for rate, s in sr["rates"].items():
+        assert s["requests"] == result["traces"][rate], rate  # each request once, from one of the workers
+        assert s["completed"] > 0 and s["completed"] + s["unfinished"] == s["requests"], rate
+        assert s["throughput_tok_s"] > 0
+
+
 def test_scale_out_cluster_gives_each_worker_its_own_gpu():
     """serving_cluster(gpus=True): one nanny-started worker process per GPU, each seeing only its own
     (CUDA_VISIBLE_DEVICES 0, 1, ...), so every block host's "cuda" is a different GPU. The variable
