@@ -245,7 +245,7 @@ def test_job_on_a_local_cluster_places_tasks_where_the_blocks_are(tiny_run, tmp_
         # steal a task under CI load. The hints themselves are what this test checks.
         dask.config.set({"distributed.scheduler.work-stealing": False}),
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as client,
     ):
