@@ -409,7 +409,8 @@ class ServingRun:
     GIL with the block hosts; False: the worker runs in this process (inproc:// comms, one GIL)."""
 
     def __init__(self, zoo_url: str, api_key: str, models: list[str], engine_kwargs: dict, tenant: str = "mt", processes: bool = True,
-                 n_workers: int = 1, gpus: bool = False, traffic: dict[str, float] | None = None) -> None:  # fmt: skip
+                 n_workers: int = 1, gpus: bool = False, traffic: dict[str, float] | None = None,
+                 capacity_bytes: int = 1 << 50) -> None:  # fmt: skip
         import distributed
 
         import blockllm
@@ -418,7 +419,7 @@ class ServingRun:
         self.dask = distributed.Client(self.cluster)
         self.dask.wait_for_workers(n_workers, timeout=120)
         self.tenant = tenant
-        self.client = blockllm.Client(self.dask, api_key=api_key, zoo=zoo_url, engine=engine_kwargs, capacity_bytes=1 << 50)
+        self.client = blockllm.Client(self.dask, api_key=api_key, zoo=zoo_url, engine=engine_kwargs, capacity_bytes=capacity_bytes)
         t0 = time.perf_counter()
         self.plan = self.client.place(models, traffic=traffic)
         self.place_s = time.perf_counter() - t0

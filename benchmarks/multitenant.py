@@ -221,6 +221,13 @@ class Bench:
             self._zoo = (url, blockllm.auth.create_key(zoo, "mt"), [m.key for m in manifests])
         return self._zoo
 
+    def gpu_weight_cap(self) -> int:
+        """Weight bytes one GPU of this machine may hold beside the KV pool (90% of its memory, 2 GiB
+        kept for activations and graphs); unbounded on the CPU."""
+        if self.device.type != "cuda":
+            return 1 << 50
+        return int(0.9 * torch.cuda.get_device_properties(self.device).total_memory) - self.p.kv_bytes - (2 << 30)
+
     def popularity(self) -> dict[str, float]:
         """The trace's Zipf weight of every model key (what placement replicates by)."""
         _, _, models = self.serving_zoo()
@@ -235,7 +242,8 @@ class Bench:
         with dask.config.set({"blockllm.zoo.verify": False}):  # hashed once when written; reads are not re-hashed
             gpus = workers is not None and self.device.type == "cuda"
             run = ServingRun(url, key, models, self.engine_kw, processes=processes, n_workers=workers or 1, gpus=gpus,
-                             traffic=self.popularity() if workers else None)  # fmt: skip
+                             traffic=self.popularity() if workers else None,
+                             capacity_bytes=self.gpu_weight_cap() if workers else 1 << 50)  # fmt: skip
             try:
                 where = "a worker process of its own" if processes else "in this process, one GIL with the load generator"
                 if workers:
@@ -291,12 +299,12 @@ class Bench:
     def per_model_system(self, variants: list[str] | None = None) -> tuple[SlotSystem, dict[str, Any]]:
         """Per-model serving of `variants` (default all, by popularity) under BlockLLM's weight bytes on this device."""
         variants = list(variants or self.order)
-        n = max(1, min(len(variants), self.distinct // self.model_bytes))
+        n = max(1, min(len(variants), min(self.distinct, self.gpu_weight_cap()) // self.model_bytes))
         eng, slots = self.slots_engine(n, "slots")
         eng.use_groups(lambda seq: seq.model.manifest.key)
         host = self.host_copies(eng, slots[0], variants)
         info = {"how": "GroupEngine: one model's requests per step (round robin), full copies in GPU slots, LRU reload from pinned host memory",
-                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": self.distinct,
+                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": min(self.distinct, self.gpu_weight_cap()),
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
         return SlotSystem(eng, {}, slots, host, variants[:n]), info
 
