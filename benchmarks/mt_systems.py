@@ -88,10 +88,12 @@ def prompt_ids(i: int, n: int, vocab: int, seed: int) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------- GPU sampler
 class GpuSampler:
-    """GPU utilisation and memory in use, sampled through NVML from a thread (None without NVML)."""
+    """GPU utilisation and memory in use, sampled through NVML from a thread (None without NVML):
+    `device`'s GPU, or GPUs 0..gpus-1 for a system spread over several (their mean utilisation, each
+    GPU's, and the peak of their summed memory)."""
 
-    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
-        self.interval, self.handle, self.samples = interval, None, []
+    def __init__(self, device: torch.device, interval: float = 0.05, gpus: int = 1) -> None:
+        self.interval, self.handles, self.samples = interval, [], []
         if device.type != "cuda":
             return
         try:
@@ -99,33 +101,38 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            first = (device.index or 0) if gpus == 1 else 0
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(first + i) for i in range(gpus)]
         except Exception as e:  # no NVML: the numbers are reported as missing, never invented
             log.warning("no NVML (%s): GPU utilisation not sampled", e)
+            self.handles = []
 
     def __enter__(self) -> GpuSampler:
         self.samples, self._stop = [], threading.Event()
-        if self.handle is not None:
+        if self.handles:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
+        nv = self._nvml
         while not self._stop.wait(self.interval):
-            u = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
-            m = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
-            self.samples.append((u.gpu, m.used))
+            self.samples.append([(nv.nvmlDeviceGetUtilizationRates(h).gpu, nv.nvmlDeviceGetMemoryInfo(h).used) for h in self.handles])
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        if self.handle is not None:
+        if self.handles:
             self._thread.join()
 
     def result(self) -> dict[str, Any]:
         if not self.samples:
             return {"gpu_util_mean": None, "gpu_mem_used_max": None, "nvml_samples": 0}
-        util = [s[0] for s in self.samples]
-        return {"gpu_util_mean": float(np.mean(util)), "gpu_mem_used_max": max(s[1] for s in self.samples), "nvml_samples": len(util)}
+        util = np.array([[u for u, _ in row] for row in self.samples], dtype=float)  # samples x GPUs
+        out = {"gpu_util_mean": float(util.mean()), "gpu_mem_used_max": max(sum(m for _, m in row) for row in self.samples),
+               "nvml_samples": len(self.samples)}  # fmt: skip
+        if len(self.handles) > 1:
+            out["gpu_util_mean_per_gpu"] = [float(x) for x in util.mean(axis=0)]
+        return out
 
 
 # ------------------------------------------------------------------------------------------- engine systems

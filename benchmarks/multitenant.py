@@ -179,7 +179,7 @@ class Bench:
         return path
 
     # ------------------------------------------------------------------ one system, every rate
-    def _sweep(self, name: str, run_one: Any, info: dict[str, Any], profiled: Any = None) -> None:
+    def _sweep(self, name: str, run_one: Any, info: dict[str, Any], profiled: Any = None, gpus: int = 1) -> None:
         sysres = {**info, "rates": {}}
         self.result["systems"][name] = sysres
         t0 = time.perf_counter()
@@ -189,7 +189,7 @@ class Bench:
             if self.over_budget():
                 sysres["rates"][str(rate)] = {"skipped": "time budget of the run spent"}
                 continue
-            with GpuSampler(self.device) as gpu:
+            with GpuSampler(self.device, gpus=gpus) as gpu:
                 rl: RunLog = run_one(self.traces[rate], self.p.duration + self.p.drain)
             s = summarize(rl)
             s.update(gpu.result())
@@ -253,7 +253,8 @@ class Bench:
                 if workers:
                     info["placement"] = run.placement()
                 counter = iter(range(1 << 30))
-                self._sweep(name, lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info)
+                self._sweep(name, lambda tr, dl: run.replay(tr, self.p.shape.vocab, self.p.seed, dl, f"s{next(counter)}"), info,
+                            gpus=workers if gpus else 1)  # fmt: skip
             finally:
                 run.close()
         _free(self.device)
@@ -340,7 +341,7 @@ class Bench:
                            for a, part in zip(actors, parts, strict=True)]  # fmt: skip
                 return merge_logs([f.result() for f in futures])
 
-            self._sweep(name, run_one, info)
+            self._sweep(name, run_one, info, gpus=workers if gpus else 1)
             actors.clear()  # the actors go before their workers do
 
     def lora_only(self) -> None:
