@@ -129,8 +129,9 @@ SCALE_OUT = re.compile(r"(blockllm|per_model)_w([1-9][0-9]*)")  # on N workers, 
 
 
 class Bench:
-    def __init__(self, preset_name: str, out_dir: Path, profile: str | None = None) -> None:
-        self.name, self.p, self.profile = preset_name, PRESETS[preset_name], profile
+    def __init__(self, preset_name: str, out_dir: Path, profile: str | None = None, preset: Preset | None = None) -> None:
+        # `preset`: this run's settings where they differ from PRESETS (a worker process sees only its own PRESETS)
+        self.name, self.p, self.profile = preset_name, preset or PRESETS[preset_name], profile
         self.t_start = time.perf_counter()
         self.device = torch.device("cuda" if preset_name != "cpu" else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -300,12 +301,13 @@ class Bench:
     def per_model_system(self, variants: list[str] | None = None) -> tuple[SlotSystem, dict[str, Any]]:
         """Per-model serving of `variants` (default all, by popularity) under BlockLLM's weight bytes on this device."""
         variants = list(variants or self.order)
-        n = max(1, min(len(variants), min(self.distinct, self.gpu_weight_cap()) // self.model_bytes))
+        cap = min(self.distinct, self.gpu_weight_cap())
+        n = max(1, min(len(variants), cap // self.model_bytes))
         eng, slots = self.slots_engine(n, "slots")
         eng.use_groups(lambda seq: seq.model.manifest.key)
         host = self.host_copies(eng, slots[0], variants)
         info = {"how": "GroupEngine: one model's requests per step (round robin), full copies in GPU slots, LRU reload from pinned host memory",
-                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": min(self.distinct, self.gpu_weight_cap()),
+                "slots": n, "weight_bytes_gpu": eng.stats().weight_bytes, "weight_cap_bytes": cap,
                 "host_copies": "own" if self.p.own_host_copies else "one shared pinned buffer per reload (host RAM cannot hold every variant)"}  # fmt: skip
         return SlotSystem(eng, {}, slots, host, variants[:n]), info
 
@@ -328,12 +330,13 @@ class Bench:
         with serving_cluster(workers, True, gpus) as cluster, distributed.Client(cluster) as dask_client:
             dask_client.wait_for_workers(workers, timeout=120)
             addresses = sorted(dask_client.scheduler_info()["workers"])
-            actors = [dask_client.submit(PerModelPart, self.name, part, actor=True, workers=[w], pure=False).result()
+            actors = [dask_client.submit(PerModelPart, self.name, self.p, part, actor=True, workers=[w], pure=False).result()
                       for w, part in zip(addresses, parts, strict=True)]  # fmt: skip
             infos = [a.info().result() for a in actors]
             info = {"how": f"per-model serving on {workers} workers" + (", one GPU each" if gpus else " sharing this machine's CPUs")
                     + ": worker i holds every N-th variant by popularity", "workers": workers, "variants_per_worker": [len(p) for p in parts],
-                    "slots": [i["slots"] for i in infos], "weight_bytes_gpu": sum(i["weight_bytes_gpu"] for i in infos)}  # fmt: skip
+                    "slots": [i["slots"] for i in infos], "weight_bytes_gpu": sum(i["weight_bytes_gpu"] for i in infos),
+                    "max_batch_size": [i["max_batch_size"] for i in infos]}  # fmt: skip
 
             def run_one(trace: list, deadline: float) -> RunLog:
                 start_at = time.time() + 1.0  # every worker starts its clock at once
@@ -408,7 +411,7 @@ class Bench:
         """`name` or `name@key=value;...` -> (spec, name, engine.* settings), or SystemExit."""
         name, _, over = spec.partition("@")
         if name not in SYSTEMS and not SCALE_OUT.fullmatch(name):
-            raise SystemExit(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
+            raise SystemExit(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}, blockllm_wN, per_model_wN (N >= 1)")
         overrides = engine_overrides(over)
         if overrides and name not in ("blockllm_direct", "per_model"):
             raise SystemExit(f"engine settings (@...) apply to blockllm_direct and per_model only, not {name}")
@@ -476,14 +479,14 @@ class PerModelPart:
     """A Dask actor on one worker (one GPU): per-model serving of its share of the variants, built once
     and replayed at every rate."""
 
-    def __init__(self, preset: str, variants: list[str]) -> None:
+    def __init__(self, name: str, preset: Preset, variants: list[str]) -> None:
         import tempfile
 
-        self.bench = Bench(preset, Path(tempfile.gettempdir()))
+        self.bench = Bench(name, Path(tempfile.gettempdir()), preset=preset)  # the driver's settings (--rates, --max-batch...)
         self.system, self._info = self.bench.per_model_system(variants)
 
     def info(self) -> dict[str, Any]:
-        return self._info
+        return {**self._info, "max_batch_size": self.system.engine.max_batch_size}
 
     def replay(self, trace: list, deadline: float, start_at: float) -> RunLog:
         time.sleep(max(0.0, start_at - time.time()))
@@ -568,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--systems", default="blockllm,per_model,lora_only,transformers,blockllm_direct",
                     help="comma list, run in this order (blockllm: the serving stack in a worker process; blockllm_inproc: "
-                         "in this process; blockllm_wN: on N worker processes, one GPU each, placed by popularity); blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
+                         "in this process; blockllm_wN / per_model_wN: on N worker processes, one GPU each); blockllm_direct may repeat (the later runs are named blockllm_direct_2, ...); "
                          "blockllm_direct@KEY=VALUE;KEY=VALUE (or per_model@...) runs it again under those engine.* settings, as its own row")
     ap.add_argument("--profile", nargs="?", const="device", choices=("device", "host"), default=None,
                     help="profile 1.5 s of an extra replay of the highest rate (engine-driven systems): torch.profiler's ops and "

@@ -107,10 +107,14 @@ def test_blockllm_on_two_workers_is_placed_by_popularity_and_serves_every_reques
 def test_per_model_serving_on_two_workers_splits_the_variants_and_merges_one_run(tmp_path):
     """`per_model_w2`: each worker serves every other variant by popularity, per-model, from its own
     slots; both replay their share of each rate's trace from one start, and the merged row counts
-    every request of the trace once."""
-    bench = multitenant.Bench("cpu", tmp_path)
+    every request of the trace once. The workers run under this run's settings (here a batch limit
+    of 8 against the preset's 64), not the ones their own processes import."""
+    from dataclasses import replace
+
+    bench = multitenant.Bench("cpu", tmp_path, preset=replace(multitenant.PRESETS["cpu"], max_batch=8))
     result = bench.run(["per_model_w2"])
     sr = result["systems"]["per_model_w2"]
+    assert sr["max_batch_size"] == [8, 8]
     assert sr["workers"] == 2 and sum(sr["variants_per_worker"]) == len(bench.order)
     assert all(n >= 1 for n in sr["slots"]) and sr["weight_bytes_gpu"] > 0
     for rate, s in sr["rates"].items():
