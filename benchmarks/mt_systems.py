@@ -105,7 +105,6 @@ class GpuSampler:
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(first + i) for i in range(gpus)]
         except Exception as e:  # no NVML: the numbers are reported as missing, never invented
             log.warning("no NVML (%s): GPU utilisation not sampled", e)
-            self.handles = []
 
     def __enter__(self) -> GpuSampler:
         self.samples, self._stop = [], threading.Event()
@@ -431,11 +430,13 @@ class ServingRun:
         self.plan = self.client.place(models, traffic=traffic)
         self.place_s = time.perf_counter() - t0
         self.workers = sorted(self.client.workers)
-        self.worker = self.workers[0]
+
+    def _per_worker(self) -> dict[str, dict[str, Any]]:
+        return self.dask.run(_engine_counters, workers=self.workers)
 
     def placement(self) -> dict[str, Any]:
         """How the plan spread the set: models per worker, replicas per model, weight bytes per worker."""
-        per = self.dask.run(_engine_counters, workers=self.workers)
+        per = self._per_worker()
         models = sorted({m for ms in self.plan.assignments.values() for m in ms})
         return {"workers": len(self.workers),
                 "models_per_worker": [len(self.plan.assignments.get(w, ())) for w in self.workers],
@@ -444,7 +445,7 @@ class ServingRun:
 
     def counters(self) -> dict[str, Any]:
         """The workers' engine counters (graph captures, steps, host wait, weight bytes), summed."""
-        per = self.dask.run(_engine_counters, workers=self.workers)
+        per = self._per_worker()
         return {k: sum(c[k] for c in per.values()) for k in ("captures", "capture_s", "steps", "wait_s", "weight_bytes")}
 
     def replay(self, trace: list, vocab: int, seed: int, deadline: float, tag: str) -> RunLog:

@@ -77,7 +77,7 @@ def test_split_chain_mixed_batch_matches_transformers(tiny_zoo, tiny_family, tok
     done = _run(driver, batch)
     for r in batch:
         key, i = r.request_id.split("#")
-        assert agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
+        assert len(done[r.request_id].token_ids) == N and agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
         assert done[r.request_id].blocks  # the whole chain it passed through, adapters included
     s = driver.stats()
     if speculate:
@@ -104,7 +104,7 @@ def test_first_segment_preempted_for_pages_recomputes_on_both_sides(tiny_zoo, ti
     assert driver.scheduler.preemptions > 0
     for r in batch:
         key, i = r.request_id.split("#")
-        assert agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
+        assert len(done[r.request_id].token_ids) == N and agrees(done[r.request_id], refs[(key, int(i))]), r.request_id
     assert last.stats().remote_requests == 0
 
 
