@@ -327,6 +327,56 @@ def test_a_slow_holder_that_renews_within_one_more_turn_keeps_its_lease(tmp_path
     taker.release()
 
 
+def test_a_takeover_never_leaves_the_lease_missing_for_a_newcomer(tmp_path, caplog):
+    """A driver arriving at any moment of a takeover finds a lease it cannot create. Were the stale
+    lease removed and then created again, a newcomer's plain create could win in that gap, taking
+    the job without the takeover's warning while the taker is refused (a CI run failed so)."""
+    from blockllm.batch.jobs import _acquire_lease, _atomic_write, _create_exclusive, _Output
+
+    url = (tmp_path / "out").as_uri()
+    real_fs = _Output(url, {}, "parquet").fs
+    lease_path = _Output(url, {}, "parquet").lease
+    real_fs.makedirs(lease_path.rsplit("/", 1)[0], exist_ok=True)
+    dead = {"token": "dead", "job_id": "j", "host": "gone", "pid": 4242, "renewed": time.time() - 10 * LEASE_S, "timeout": LEASE_S}
+    _atomic_write(real_fs, lease_path, json.dumps(dead).encode())
+    watching = threading.Event()
+    watching.set()
+    newcomers: list[str] = []
+
+    class Watched:
+        """The taker's file system: after each call it makes, a newcomer tries to create the lease."""
+
+        def __getattr__(self, name: str):
+            attr = getattr(real_fs, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                try:
+                    return attr(*args, **kwargs)
+                finally:
+                    if watching.is_set() and _create_exclusive(real_fs, lease_path, b'{"token": "newcomer"}'):
+                        newcomers.append(name)
+
+            return call
+
+    class WatchedOutput(_Output):
+        @property
+        def fs(self):
+            return Watched()
+
+    with caplog.at_level(logging.WARNING, logger="blockllm.batch.jobs"):
+        taker = _acquire_lease(WatchedOutput(url, {}, "parquet"), "j")
+    watching.clear()
+    try:
+        assert newcomers == []  # the lease was there whenever a newcomer looked
+        assert json.loads(real_fs.cat_file(lease_path))["token"] == taker.token
+        assert "took over a stale lease" in caplog.text and "pid 4242" in caplog.text
+    finally:
+        taker.release()
+    assert not real_fs.exists(lease_path)
+
+
 def test_a_task_of_a_driver_that_lost_its_lease_commits_nothing(tmp_path):
     """A partition task left running by a driver whose lease another driver took over raises
     JobRunningError instead of writing its part; a task of the holder (or with no lease) would run."""

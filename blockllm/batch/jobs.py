@@ -29,7 +29,8 @@ changed: two drivers would run every missing partition twice over and overwrite 
 state document, so the second one is told that the job runs, where, and since when. A lease not
 renewed for `batch.lease-timeout` seconds, and still not renewed a quarter of that later, was
 left by a dead driver: the next submit takes it over and resumes (when several try at once, an
-exclusive `_lease.takeover-<token>` file lets exactly one win; the others get JobRunningError).
+exclusive `_lease.takeover-<token>` file lets exactly one win, which replaces the stale lease in one
+step, so that the lease never goes missing for a newcomer to create; the others get JobRunningError).
 A driver that finds its lease taken over stops its tasks and raises JobRunningError. Partition
 tasks re-check the commit marker just before writing and do not commit while another driver holds
 the lease, so tasks left running by a dead driver cannot write over the parts of the one that
@@ -471,10 +472,13 @@ def _acquire_lease(out: _Output, job_id: str) -> _Lease:
         try:
             current = _read_lease(out)
             if current is not None and current.get("token") == held.get("token"):
-                _rm_quietly(fs, out.lease)
-            if _create_exclusive(fs, out.lease, lease.document()):
+                # Replaced in one step, never removed and re-created: in that gap a newcomer's plain
+                # exclusive create would win the job without seeing (or logging) the dead driver.
+                _atomic_write(fs, out.lease, lease.document())
                 log.warning("batch job %s: took over a stale lease on %s (%s)", job_id, out.url, _holder(held))
                 return lease.start()
+            if current is None and _create_exclusive(fs, out.lease, lease.document()):
+                return lease.start()  # released meanwhile: an ordinary acquisition
         finally:
             _rm_quietly(fs, takeover)
         held = _read_lease(out) or held
