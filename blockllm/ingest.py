@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphs import validate_error_budget
-from zoo_store import AdapterRef, Manifest, ModelExistsError, ModelNotFoundError, Zoo, fingerprint, validate_name
+from zoo_store import (
+    AdapterRef,
+    Manifest,
+    ModelExistsError,
+    ModelNotFoundError,
+    Zoo,
+    fingerprint,
+    validate_name,
+)
 
 from . import config as _config
 from .checkpoints import kind_of, read_adapter_dir, read_gguf, read_model_dir
@@ -32,7 +40,7 @@ class IngestReport:
 def _store_parts(zoo: Zoo, parts: list[BlockParts], progress: Progress | None) -> tuple[list[str], int, int]:
     """Write the blocks the zoo lacks; returns (fingerprints, blocks written, bytes written)."""
     fps = [fingerprint(p.spec, p.tensors) for p in parts]
-    todo = {fp: p for fp, p in zip(fps, parts) if not zoo.has_block(fp)}  # dedups repeats too
+    todo = {fp: p for fp, p in zip(fps, parts, strict=True) if not zoo.has_block(fp)}  # dedups repeats too
     total = sum(p.spec.nbytes for p in todo.values())
     for fp, part in todo.items():
         zoo.put_block(part.spec, part.tensors, fp=fp)
@@ -104,7 +112,7 @@ def ingest(
         manifest = Manifest(
             tenant=tenant, name=name, family=family.name, chain=base_manifest.chain,
             config=base_manifest.config,
-            adapters=tuple(AdapterRef(i, fp) for (i, _), fp in zip(pieces, fps)),
+            adapters=tuple(AdapterRef(i, fp) for (i, _), fp in zip(pieces, fps, strict=True)),
             tokenizer=base_manifest.tokenizer, visibility=visibility, base=base_manifest.key,
             error_budget=error_budget, source=url,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import reference_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blockllm.chain import load_model, load_tokenizer
@@ -27,8 +28,6 @@ from blockllm.exceptions import (
 )
 from blockllm.ingest import ingest
 from zoo_store import Zoo
-
-from reference import reference_model  # noqa: E402
 
 PROMPTS = ["3 + 4 =", "next number after 17 is ->", "reverse: a b c ->", "the cat"]
 
@@ -49,14 +48,14 @@ def test_partial_fine_tunes_store_only_their_changed_layers(zoo, tiny_family):
     layer_bytes = {fp: zoo.block_spec(fp).nbytes for fp in base.manifest.chain}
 
     a = ingest(zoo, tiny_family.partial_a, tenant="acme", name="pa")
-    changed_a = [i for i, (x, y) in enumerate(zip(base.manifest.chain, a.manifest.chain)) if x != y]
+    changed_a = [i for i, (x, y) in enumerate(zip(base.manifest.chain, a.manifest.chain, strict=True)) if x != y]
     n = len(base.manifest.chain)
     assert changed_a == [n - 2]  # the last decoder layer only (the head is block n-1)
     assert a.new_blocks == 1
     assert a.new_bytes == layer_bytes[base.manifest.chain[n - 2]]
 
     b = ingest(zoo, tiny_family.partial_b, tenant="globex", name="pb")
-    changed_b = [i for i, (x, y) in enumerate(zip(base.manifest.chain, b.manifest.chain)) if x != y]
+    changed_b = [i for i, (x, y) in enumerate(zip(base.manifest.chain, b.manifest.chain, strict=True)) if x != y]
     assert changed_b == [n - 3, n - 2]
     assert b.new_bytes == layer_bytes[base.manifest.chain[n - 3]] + layer_bytes[base.manifest.chain[n - 2]]
 

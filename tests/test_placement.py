@@ -69,7 +69,7 @@ def test_traffic_shift_moves_models_and_the_plan_explains_itself():
 )
 def test_plans_never_exceed_capacity(n_variants, caps, rates):
     manifests, sizes = family(n_variants)
-    traffic = dict(zip(sorted(manifests), rates))
+    traffic = dict(zip(sorted(manifests), rates, strict=False))
     workers = [WorkerInfo(f"w{i}", c) for i, c in enumerate(caps)]
     plan = plan_placement(manifests, sizes, workers, traffic)
     for w in workers:

@@ -121,7 +121,7 @@ def test_placement_follows_traffic(clients, tiny_zoo):
     plan = client.place(sorted(hot_b), traffic=hot_b)
     assert len(plan.workers_for("globex/tiny-partial-b")) == 2
     stats = client.stats()
-    for worker, s in stats.items():
+    for s in stats.values():
         assert "globex/tiny-partial-b" in s["models"]
         assert s["engine"]["weight_bytes"] <= client.capacity_bytes
     assert plan.explain(manifests["globex/tiny-partial-b"].chain[-2], manifests)

@@ -58,7 +58,7 @@ def test_smollm2_variants_share_blocks_and_match_transformers(smol_zoo, smol_fam
     stats = smol_zoo.stats()
     base = smol_zoo.get_manifest("platform", "smollm2-base")
     last2 = smol_zoo.get_manifest("acme", "smollm2-last2")
-    assert sum(a != b for a, b in zip(base.chain, last2.chain)) == 2
+    assert sum(a != b for a, b in zip(base.chain, last2.chain, strict=True)) == 2
     assert stats.stored_bytes < 1.2 * stats.per_model["platform/smollm2-base"]
     prompts = ["The capital of France is", "def add(a, b):"]
     for member in members(smol_family):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ def test_rate_popularity_and_tails():
     assert np.allclose(counts, zipf_weights(8, 1.2), atol=0.02)
     outputs = np.array([a.output_len for a in trace])
     assert np.mean(outputs) > np.median(outputs)  # right-skewed
-    assert all(0 <= a.time < 60 for a in trace) and all(b.time >= a.time for a, b in zip(trace, trace[1:]))
+    assert all(0 <= a.time < 60 for a in trace) and all(b.time >= a.time for a, b in itertools.pairwise(trace))
 
 
 def test_bad_configs_are_refused():

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from distributed import WorkerPlugin
@@ -29,6 +30,7 @@ from ..auth import KeyRing, check_access
 from ..exceptions import BlockLLMError, OverloadedError
 from ..types import Request
 from .admission import ENGINE_PRIORITY, Admission, Ticket
+
 # imported here, not in the plugin's setup: the engine package must not be imported by two threads at once
 from .handoff import install as install_split
 from .wire import WireRequest, error_to_wire, parse_request
@@ -319,7 +321,7 @@ class BlockHost:
                         t.requested or t.model, t.tenant, n_tokens=len(t.token_ids), ttft=(t.first_token - t.submitted) if t.first_token is not None else None,
                         latency=now - t.submitted, finish_reason=t.finish_reason, substituted=len(t.substitutions),
                     )
-                    for a, b in zip(out.blocks, out.blocks[1:]):
+                    for a, b in pairwise(out.blocks):
                         self.transitions[(a, b)] += 1
         self._notify(changed, ended)
 
