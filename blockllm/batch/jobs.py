@@ -477,8 +477,8 @@ def _acquire_lease(out: _Output, job_id: str) -> _Lease:
                 _atomic_write(fs, out.lease, lease.document())
                 log.warning("batch job %s: took over a stale lease on %s (%s)", job_id, out.url, _holder(held))
                 return lease.start()
-            if current is None and _create_exclusive(fs, out.lease, lease.document()):
-                return lease.start()  # released meanwhile: an ordinary acquisition
+            if current is None:
+                continue  # released meanwhile: look again
         finally:
             _rm_quietly(fs, takeover)
         held = _read_lease(out) or held
