@@ -42,7 +42,7 @@ from .mt_systems import (
     summarize,
     sync,
 )
-from .workload import WorkloadConfig, generate
+from .workload import WorkloadConfig, generate, zipf_weights
 
 log = logging.getLogger("benchmarks.multitenant")
 
@@ -233,7 +233,8 @@ class Bench:
         """The trace's Zipf weight of every model key (what placement replicates by)."""
         _, _, models = self.serving_zoo()
         by_name = {k.split("/", 1)[1]: k for k in models}
-        return {by_name[v]: 1.0 / (rank + 1) ** self.p.zipf_alpha for rank, v in enumerate(self.order)}
+        weights = zipf_weights(len(self.order), self.p.zipf_alpha)
+        return {by_name[v]: float(w) for v, w in zip(self.order, weights, strict=True)}
 
     def blockllm_serving(self, name: str = "blockllm", processes: bool = True, workers: int | None = None) -> None:
         """(1) BlockLLM through its serving stack: blocks in a real file:// zoo, a block host on a
@@ -338,10 +339,12 @@ class Bench:
                     "slots": [i["slots"] for i in infos], "weight_bytes_gpu": sum(i["weight_bytes_gpu"] for i in infos),
                     "max_batch_size": [i["max_batch_size"] for i in infos]}  # fmt: skip
 
+            shares = [set(part) for part in parts]
+
             def run_one(trace: list, deadline: float) -> RunLog:
+                split = [[x for x in trace if x.model in share] for share in shares]  # before the clock: not in the head start
                 start_at = time.time() + 1.0  # every worker starts its clock at once
-                futures = [a.replay([x for x in trace if x.model in set(part)], deadline, start_at)
-                           for a, part in zip(actors, parts, strict=True)]  # fmt: skip
+                futures = [a.replay(own, deadline, start_at) for a, own in zip(actors, split, strict=True)]
                 return merge_logs([f.result() for f in futures])
 
             self._sweep(name, run_one, info, gpus=workers if gpus else 1)
